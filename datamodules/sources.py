@@ -1,0 +1,264 @@
+"""Raw GLUE splits from local files (GLUE's TSV layout or the hub's parquet export) or the hub.
+
+Every source yields the same Dataset: the task's text fields, `label` (ClassLabel in the hub's
+order, float32 for STS-B) and `idx` (row number), in the file's own row order, which the
+few-shot split depends on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets import ClassLabel, Dataset, DatasetInfo, Features, Value
+
+from datamodules.errors import DataConfigError
+from datamodules.tasks import GLUE_TASKS, TaskInfo
+
+HUB_DATASET = "nyu-mll/glue"
+STSB_RANGE = (0.0, 5.0)
+
+
+@dataclass(frozen=True)
+class TsvLayout:
+    """Where a task's fields sit in GLUE's TSV files: header names, or column numbers when headerless."""
+
+    columns: dict[str, str | int]
+    label: str | int
+    header: bool = True
+    num_columns: int | None = None  # only for headerless files
+    files: dict[str, str] = field(default_factory=lambda: {"train": "train.tsv", "validation": "dev.tsv"})
+
+
+TSV_LAYOUTS: dict[str, TsvLayout] = {
+    # CoLA's train/dev have no header: source, label, original label, sentence.
+    "cola": TsvLayout({"sentence": 3}, 1, header=False, num_columns=4),
+    "sst2": TsvLayout({"sentence": "sentence"}, "label"),
+    # MRPC's header starts with a UTF-8 BOM ("\ufeffQuality"); the file is read as utf-8-sig.
+    "mrpc": TsvLayout({"sentence1": "#1 String", "sentence2": "#2 String"}, "Quality"),
+    "stsb": TsvLayout({"sentence1": "sentence1", "sentence2": "sentence2"}, "score"),
+    "qqp": TsvLayout({"question1": "question1", "question2": "question2"}, "is_duplicate"),
+    "mnli": TsvLayout(
+        {"premise": "sentence1", "hypothesis": "sentence2"},
+        "gold_label",
+        files={
+            "train": "train.tsv",
+            "validation_matched": "dev_matched.tsv",
+            "validation_mismatched": "dev_mismatched.tsv",
+        },
+    ),
+    "qnli": TsvLayout({"question": "question", "sentence": "sentence"}, "label"),
+    "rte": TsvLayout({"sentence1": "sentence1", "sentence2": "sentence2"}, "label"),
+}
+
+
+def raw_splits(task: TaskInfo) -> tuple[str, ...]:
+    """The labelled splits a task has, by hub name: train, then GLUE's dev set(s)."""
+    return tuple(TSV_LAYOUTS[task.name].files)
+
+
+def eval_split(task: TaskInfo, test_split: str) -> str:
+    """The GLUE dev split that serves as one of our test sets (GLUE's own test labels are hidden)."""
+    return "validation" + test_split.removeprefix("test")
+
+
+def features(task: TaskInfo) -> Features:
+    label = Value("float32") if task.is_regression else ClassLabel(names=list(task.label_names))
+    return Features({**{f: Value("string") for f in task.text_fields}, "label": label, "idx": Value("int32")})
+
+
+# ----------------------------------------------------------------------------------------- locating
+def task_folder(task: TaskInfo, data_dir: str | Path) -> Path:
+    """`data_dir` is the GLUE root (RTE/, SST-2/ or the hub's rte/, sst2/) or the task folder itself."""
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataConfigError(f"data_dir={str(data_dir)!r} is not a directory")
+    for name in (task.glue_dir, task.name):
+        if (root / name).is_dir():
+            return root / name
+    own_names = {task.glue_dir.lower(), task.name}
+    other = {n for t in GLUE_TASKS.values() if t is not task for n in (t.glue_dir.lower(), t.name)}
+    if root.name.lower() in own_names or (root.name.lower() not in other and _holds_split_files(task, root)):
+        return root
+    raise DataConfigError(f"data_dir={str(data_dir)!r} has no {task.glue_dir}/ folder for task {task.name}")
+
+
+def _holds_split_files(task: TaskInfo, folder: Path) -> bool:
+    return any(
+        (folder / f).is_file() or _parquet_files(folder, s) for s, f in TSV_LAYOUTS[task.name].files.items()
+    )
+
+
+def _parquet_files(folder: Path, split: str) -> list[Path]:
+    """The hub's export names shards `<split>-00000-of-00001.parquet`; also accept `<split>.parquet`."""
+    for pattern in (f"{split}-*.parquet", f"{split}.parquet", f"{split}/*.parquet"):
+        if found := sorted(folder.glob(pattern)):
+            return found
+    return []
+
+
+def split_files(task: TaskInfo, split: str, data_dir: str | Path) -> list[Path]:
+    """The file(s) holding one split: the TSV if present, else parquet; a missing one is named."""
+    folder = task_folder(task, data_dir)
+    tsv = folder / TSV_LAYOUTS[task.name].files[split]
+    if tsv.is_file():
+        return [tsv]
+    if parquet := _parquet_files(folder, split):
+        return parquet
+    raise DataConfigError(
+        f"data_dir={str(data_dir)!r} lacks {tsv} (task {task.name}, split {split}; "
+        f"no {split}-*.parquet either)"
+    )
+
+
+def count_rows(task: TaskInfo, split: str, data_dir: str | Path) -> int:
+    """Row count without parsing, for failing fast on an impossible few-shot split."""
+    files = split_files(task, split, data_dir)
+    if files[0].suffix == ".parquet":
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    newlines, last = 0, b"\n"
+    with open(files[0], "rb") as f:
+        while chunk := f.read(1 << 22):
+            newlines += chunk.count(b"\n")
+            last = chunk[-1:]
+    lines = newlines + (last != b"\n")
+    return lines - TSV_LAYOUTS[task.name].header
+
+
+def source_fingerprint(task: TaskInfo, split: str, data_dir: str | Path | None) -> str:
+    """Identifies the raw data for the on-disk cache: file path, size and mtime, or the hub name."""
+    if data_dir is None:
+        return f"hub:{HUB_DATASET}/{task.name}/{split}"
+    stats = ((f.resolve(), f.stat()) for f in split_files(task, split, data_dir))
+    return ";".join(f"{p}:{s.st_size}:{s.st_mtime_ns}" for p, s in stats)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_raw_split(task: TaskInfo, split: str, data_dir: str | Path | None = None) -> Dataset:
+    """One labelled split, from `data_dir` when given, else from the hub."""
+    if split not in TSV_LAYOUTS[task.name].files:
+        raise DataConfigError(
+            f"split={split!r} is not a labelled split of {task.name}; use one of {raw_splits(task)}"
+        )
+    if data_dir is None:
+        return _from_hub(task, split)
+    files = split_files(task, split, data_dir)
+    if files[0].suffix == ".parquet":
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        return _canonical(task, Dataset(table), where=str(files[0].parent / f"{split}*.parquet"))
+    return read_tsv(task, files[0])
+
+
+def _from_hub(task: TaskInfo, split: str) -> Dataset:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, task.name, split=split)
+    except Exception as err:  # offline, hub changes, ...: say what to do instead
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DataConfigError(
+            f"data_dir=None: could not load {HUB_DATASET}/{task.name} ({split}) from the hub ({reason}); "
+            "pass data_dir=<GLUE folder> to read local files"
+        ) from err
+    return _canonical(task, ds, where=f"{HUB_DATASET}/{task.name}/{split}")
+
+
+def _canonical(task: TaskInfo, ds: Dataset, where: str) -> Dataset:
+    """Same columns, order and types as `read_tsv`, with the labels checked against the task."""
+    wanted = [*task.text_fields, "label", "idx"]
+    if missing := [c for c in wanted if c not in ds.column_names and c != "idx"]:
+        raise DataConfigError(
+            f"{where}: columns {missing} missing for task {task.name}; found {ds.column_names}"
+        )
+    if "idx" not in ds.column_names:
+        ds = ds.add_column("idx", list(range(len(ds))))
+    ds = ds.select_columns(wanted)
+    labels = ds.data.column("label")
+    if task.is_regression:
+        labels = pc.cast(labels, pa.float64())
+    low, high = pc.min(labels).as_py(), pc.max(labels).as_py()
+    allowed = STSB_RANGE if task.is_regression else (0, task.num_labels - 1)
+    if len(ds) and (low is None or low < allowed[0] or high > allowed[1]):
+        raise DataConfigError(
+            f"{where}: labels range {low}..{high}, outside {allowed[0]}..{allowed[1]} of task {task.name}"
+        )
+    return ds.cast(features(task)) if ds.features != features(task) else ds
+
+
+def read_tsv(task: TaskInfo, path: Path) -> Dataset:
+    """Parse a GLUE TSV strictly (no quoting, as GLUE's own readers): bad rows fail with file:line."""
+    layout = TSV_LAYOUTS[task.name]
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    first = 0
+    if layout.header:
+        names = lines[0].rstrip("\r").split("\t") if lines else []
+        needed = [*layout.columns.values(), layout.label]
+        if missing := [c for c in needed if c not in names]:
+            raise DataConfigError(
+                f"{path}:1: header lacks column(s) {missing} for task {task.name}; found {names}"
+            )
+        position = {c: names.index(c) for c in needed}
+        num_columns, first = len(names), 1
+    else:
+        position = {c: c for c in [*layout.columns.values(), layout.label]}
+        num_columns = layout.num_columns
+    columns = {f: position[c] for f, c in layout.columns.items()}
+    label_at, parse = position[layout.label], _label_parser(task, path)
+    texts: dict[str, list[str]] = {f: [] for f in columns}
+    labels: list[float | int] = []
+    for lineno in range(first + 1, len(lines) + 1):
+        parts = lines[lineno - 1].rstrip("\r").split("\t")
+        if len(parts) != num_columns:
+            raise DataConfigError(
+                f"{path}:{lineno}: expected {num_columns} tab-separated columns, found {len(parts)}"
+            )
+        for name, at in columns.items():
+            texts[name].append(parts[at])
+        labels.append(parse(parts[label_at], lineno))
+    label_type = pa.float32() if task.is_regression else pa.int64()
+    table = pa.table(
+        {
+            **{f: pa.array(v, pa.string()) for f, v in texts.items()},
+            "label": pa.array(labels, label_type),
+            "idx": pa.array(range(len(labels)), pa.int32()),
+        }
+    )
+    return Dataset(table, info=DatasetInfo(features=features(task)))
+
+
+def _label_parser(task: TaskInfo, path: Path) -> Callable[[str, int], float | int]:
+    """GLUE writes labels as words (RTE, QNLI, MNLI), digits (CoLA, SST-2, MRPC, QQP) or scores (STS-B)."""
+    if task.is_regression:
+        low, high = STSB_RANGE
+
+        def score(value: str, lineno: int) -> float:
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if not low <= number <= high:
+                raise DataConfigError(
+                    f"{path}:{lineno}: label {value!r} is not a score in {low}..{high} ({task.name})"
+                )
+            return number
+
+        return score
+    ids = {name: i for i, name in enumerate(task.label_names)} | {str(i): i for i in range(task.num_labels)}
+
+    def label(value: str, lineno: int) -> int:
+        try:
+            return ids[value]
+        except KeyError:
+            raise DataConfigError(
+                f"{path}:{lineno}: label {value!r} is not one of {list(task.label_names)} "
+                f"or 0..{task.num_labels - 1} ({task.name})"
+            ) from None
+
+    return label

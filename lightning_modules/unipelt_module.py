@@ -1,0 +1,313 @@
+"""UniPELTLightningModule: the one place where the PELT method (unipelt/) meets a GLUE task.
+
+The module owns the Hugging Face model with `apply_pelt` applied, the optimiser over the trainable
+parameters only, the task's torchmetrics, gate logging, and checkpoints that never carry the
+frozen backbone (it is rebuilt from `model_name_or_path` when a checkpoint is loaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from torchmetrics import MetricCollection
+from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+from datamodules.tasks import TaskInfo, get_task
+from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values
+
+# Learning rates of a third-party reproduction that says it follows the paper (../shared/paper
+# README): defaults to tune, not the paper's word. `learning_rate` overrides them.
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "finetune": 2e-5,
+    "bitfit": 1e-4,
+    "adapter": 1e-4,
+    "prefix": 2e-4,
+    "lora": 5e-4,
+    "unipelt_ap": 5e-4,
+    "unipelt_apl": 5e-4,
+    "unipelt_ap_nogate": 5e-4,
+    "unipelt_apl_nogate": 5e-4,
+}
+
+CHECKPOINT_KEY = "unipelt"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not belong to the configured run (method, backbone or task differ)."""
+
+
+def _make_metric(name: str, task: TaskInfo) -> torch.nn.Module:
+    if name == "accuracy":
+        return Accuracy(task="multiclass", num_classes=task.num_labels)
+    if name == "f1":
+        return F1Score(task="binary")
+    if name == "matthews":
+        return MatthewsCorrCoef(task="binary")
+    if name == "pearson":
+        return PearsonCorrCoef()
+    if name == "spearman":
+        return SpearmanCorrCoef()
+    raise ValueError(f"unknown metric {name!r}")
+
+
+def backbone_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the first input-embedding rows: tells two pretrained encoders of one shape apart."""
+    weight = model.get_input_embeddings().weight.detach()[:16].float().cpu().contiguous()
+    return hashlib.sha1(weight.numpy().tobytes()).hexdigest()[:16]
+
+
+class UniPELTLightningModule(pl.LightningModule):
+    """A frozen Hugging Face encoder with gated UniPELT submodules, trained on one GLUE task.
+
+    Args:
+        model_name_or_path: hub name or local folder of the pretrained backbone.
+        task: GLUE task (linked from `--data.task` by the CLI); sets labels and metrics.
+        method: a preset of `unipelt.PRESETS`.
+        pelt_overrides: per-hyperparameter overrides of the preset, e.g. ``{"lora_r": 16}``.
+        learning_rate: AdamW learning rate; None takes the method's default.
+        warmup_ratio: fraction of the training steps with linear warm-up.
+        early_stopping_patience: validation rounds without improvement before stopping; None: never.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "bert-base-uncased",
+        task: str = "rte",
+        method: str = "unipelt_apl",
+        pelt_overrides: dict[str, Any] | None = None,
+        learning_rate: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        adam_epsilon: float = 1e-8,
+        early_stopping_patience: int | None = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.task_info = get_task(task)
+        if method not in PRESETS:
+            raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        self.pelt_config = PELTConfig.preset(method, **(pelt_overrides or {}))
+        self.learning_rate = learning_rate if learning_rate is not None else DEFAULT_LEARNING_RATES[method]
+        self.model = self._build_model()
+        # Checkpoints hold only the trainable tensors; the frozen rest comes from model_name_or_path.
+        self.strict_loading = False
+        self.main_metric = f"val/{self.task_info.main_metric}"
+        self.val_metrics = self._metrics("val/")
+        self.test_metrics = torch.nn.ModuleList(self._metrics(f"{split}/") for split in self.task_info.test_splits)
+        self._gate_sums: dict[str, torch.Tensor] = {}
+        self._gate_count = 0
+        self.last_test_gates: dict[str, float] = {}
+        self.last_test_examples = 0
+
+    # ----------------------------------------------------------------------------- model
+    def _build_model(self) -> torch.nn.Module:
+        task = self.task_info
+        path = self.hparams.model_name_or_path
+        try:
+            config = AutoConfig.from_pretrained(
+                path,
+                num_labels=task.num_labels,
+                problem_type="regression" if task.is_regression else "single_label_classification",
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"--model.model_name_or_path {path!r} is not a Hugging Face model folder or hub name ({first})"
+            ) from None
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        return apply_pelt(model, self.pelt_config)
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        return MetricCollection({m: _make_metric(m, self.task_info) for m in self.task_info.metrics}, prefix=prefix)
+
+    @property
+    def trainable_parameter_names(self) -> set[str]:
+        return {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.squeeze(-1) if self.task_info.is_regression else logits.argmax(-1)
+
+    # ----------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}: "
+                f"the learning rate ({self.learning_rate:g}) is likely too high"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
+        out = self.model(**batch)
+        metrics.update(self._predictions(out.logits), batch["labels"])
+        # Logging the Metric objects lets torchmetrics sync their states across ranks at epoch end.
+        self.log_dict(metrics, on_step=False, on_epoch=True, add_dataloader_idx=False, prog_bar=stage == "val")
+        self.log(
+            f"{stage}/loss", out.loss, sync_dist=True, add_dataloader_idx=False, batch_size=batch["labels"].shape[0]
+        )
+        self._accumulate_gates(batch["attention_mask"].shape[0])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.test_metrics[dataloader_idx], self.task_info.test_splits[dataloader_idx])
+
+    # ----------------------------------------------------------------------------- gates
+    def _accumulate_gates(self, batch_size: int) -> None:
+        """Sum per-example gates on the device; no host sync until the epoch ends."""
+        for name, values in gate_values(self.model).items():
+            total = values.detach().float().sum()
+            self._gate_sums[name] = self._gate_sums.get(name, 0) + total
+        self._gate_count += batch_size
+
+    def _reduce_gates(self) -> dict[str, float]:
+        """Mean gate per layer and submodule over every evaluated example, across ranks."""
+        count = self.trainer.strategy.reduce(torch.tensor(float(self._gate_count), device=self.device), reduce_op="sum")
+        means = {}
+        for name in sorted(self._gate_sums):
+            total = self.trainer.strategy.reduce(self._gate_sums[name].to(self.device), reduce_op="sum")
+            means[name] = float(total / count.clamp(min=1))
+        self._gate_sums, self._gate_count = {}, 0
+        return means
+
+    def on_validation_epoch_start(self) -> None:
+        self._gate_sums, self._gate_count = {}, 0
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        gates = self._reduce_gates()
+        if gates:
+            self.log_dict({f"gate/{k}": v for k, v in gates.items()})
+
+    def on_test_epoch_end(self) -> None:
+        self.last_test_examples = int(
+            self.trainer.strategy.reduce(torch.tensor(float(self._gate_count), device=self.device), reduce_op="sum")
+        )
+        self.last_test_gates = self._reduce_gates()
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.learning_rate,
+            eps=self.hparams.adam_epsilon,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = math.ceil(self.hparams.warmup_ratio * total)
+        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Model selection on the task's main dev metric (paper: F1 > Matthews > Spearman > accuracy)."""
+        callbacks: list[pl.Callback] = [
+            ModelCheckpoint(
+                monitor=self.main_metric,
+                mode="max",
+                save_top_k=1,
+                save_last=True,
+                filename="best-{epoch}-{step}",
+                auto_insert_metric_name=False,
+            )
+        ]
+        if self.hparams.early_stopping_patience is not None:
+            callbacks.append(
+                EarlyStopping(monitor=self.main_metric, mode="max", patience=self.hparams.early_stopping_patience)
+            )
+        return callbacks
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def checkpoint_identity(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {
+            "method": self.hparams.method,
+            "pelt_config": self.pelt_config.to_dict(),
+            "task": self.task_info.name,
+            "backbone": {
+                "model_name_or_path": str(self.hparams.model_name_or_path),
+                "model_type": cfg.model_type,
+                "hidden_size": cfg.hidden_size,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "fingerprint": backbone_fingerprint(self.model),
+            },
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_parameter_names
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
+        ours = self.checkpoint_identity()
+        if saved["method"] != ours["method"] or saved["pelt_config"] != ours["pelt_config"]:
+            raise CheckpointMismatchError(
+                f"method differs: the checkpoint was made with {saved['method']!r} "
+                f"but the config uses {ours['method']!r}"
+                + ("" if saved["method"] != ours["method"] else " with other hyperparameters")
+            )
+        sb, ob = saved["backbone"], ours["backbone"]
+        if any(sb[k] != ob[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "fingerprint")):
+            raise CheckpointMismatchError(
+                f"backbone differs: the checkpoint was made on {sb['model_name_or_path']!r} "
+                f"({sb['model_type']}, {sb['num_hidden_layers']} layers, hidden {sb['hidden_size']}) "
+                f"but the config loads {ob['model_name_or_path']!r} "
+                f"({ob['model_type']}, {ob['num_hidden_layers']} layers, hidden {ob['hidden_size']})"
+            )
+        if saved["task"] != ours["task"]:
+            raise CheckpointMismatchError(
+                f"task differs: the checkpoint was trained on {saved['task']!r} but the config uses {ours['task']!r}"
+            )
+        missing = self.trainable_parameter_names - set(checkpoint["state_dict"])
+        if missing:
+            raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {min(missing)}")
+
+    # ----------------------------------------------------------------------------- reporting
+    def parameter_counts(self) -> dict[str, int]:
+        return {
+            "trainable_params": count_trainable(self.model),
+            "total_params": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch (without validation), for the efficiency table."""
+
+    def __init__(self) -> None:
+        self.epoch_times: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start:  # validation inside fit ends the epoch's training part
+            self.epoch_times.append(time.perf_counter() - self._start)
+            self._start = 0.0
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start:
+            self.epoch_times.append(time.perf_counter() - self._start)
+            self._start = 0.0

@@ -1,0 +1,75 @@
+"""Claiming a run with a lock file, so that concurrent workers never take the same run.
+
+A claim is an ``O_CREAT | O_EXCL`` create, which the filesystem makes atomic. The file holds
+``host pid``; a lock whose process is gone (same host) is stale and may be reclaimed. Reclaiming
+goes through a second short-lived O_EXCL file so that two reclaimers cannot both remove the
+stale lock and each believe they hold the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+_HOST = socket.gethostname()
+EMPTY_GRACE_S = 30.0  # a lock still empty after this long was left by a process killed mid-claim
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _create(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{_HOST} {os.getpid()}\n")
+    return True
+
+
+def is_stale(path: Path) -> bool:
+    """True when the lock's owner is known to be dead (or it is an old empty file)."""
+    try:
+        text = path.read_text().split()
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if len(text) != 2:
+        return time.time() - mtime > EMPTY_GRACE_S
+    host, pid = text
+    return host == _HOST and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def claim(path: Path) -> bool:
+    """Try to take ``path``; reclaims a stale lock. Returns whether this process now holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _create(path):
+        return True
+    if not is_stale(path):
+        return False
+    guard = path.with_name(path.name + ".reclaim")
+    if not _create(guard):
+        if is_stale(guard):  # a reclaimer died inside the guard; clear it, retry on a later pass
+            guard.unlink(missing_ok=True)
+        return False
+    try:
+        if is_stale(path):
+            path.unlink(missing_ok=True)
+        return _create(path)
+    finally:
+        guard.unlink(missing_ok=True)
+
+
+def release(path: Path) -> None:
+    """Drop a lock this process holds."""
+    path.unlink(missing_ok=True)

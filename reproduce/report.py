@@ -1,0 +1,451 @@
+"""The reproduction report: our grid beside the paper's Tables 1, 2 and 4, as markdown and CSV.
+
+Scores are the paper's metric per task (CoLA Matthews, MRPC/QQP F1, STS-B Spearman, MNLI
+matched accuracy, otherwise accuracy) x 100, mean and sample std over finished seeds. A cell is
+complete when every seed any runner planned for it has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paper
+from .results import Cell, Key, aggregate, load_planned, load_records, run_id
+from .tasks import METHODS, TABLE2, TASKS, k_tag, paper_setting
+
+Baselines = Mapping[str, float | None] | Callable[[str], float | None]
+
+
+@dataclass
+class Report:
+    """All tables of one report, as rows of plain values (the CSV) before rendering."""
+
+    table1: list[dict]
+    table2: list[dict]
+    efficiency: list[dict]
+    records: list[dict]
+
+
+def _ks(cells: Mapping[Key, Cell]) -> list[str]:
+    ks = {k for k, _, _ in cells}
+    return sorted(ks, key=lambda k: (k == "full", int(k) if k != "full" else 0))
+
+
+def _tasks(cells: Mapping[Key, Cell], k: str) -> list[str]:
+    present = {t for kk, t, _ in cells if kk == k}
+    return [t for t in TASKS if t in present]
+
+
+def _methods(cells: Mapping[Key, Cell], k: str) -> list[str]:
+    present = {m for kk, _, m in cells if kk == k}
+    return [m for m in METHODS if m in present]
+
+
+def _fmean(xs: Sequence[float | None]) -> float | None:
+    return None if not xs or any(x is None for x in xs) else statistics.fmean(xs)
+
+
+def _paper_avg(setting: str, method: str, tasks: Sequence[str]) -> float | None:
+    """The paper's average over ``tasks``: its published Avg when all 8 tasks are there."""
+    if len(tasks) == len(TASKS):
+        return paper.score(setting, METHODS[method], "Avg")
+    return _fmean([paper.score(setting, METHODS[method], TASKS[t].paper_name) for t in tasks])
+
+
+def table1_rows(cells: Mapping[Key, Cell], baselines: Baselines | None = None) -> list[dict]:
+    """One row per (K, method, task or Avg), plus the majority baseline per (K, task)."""
+    rows = []
+    for k in _ks(cells):
+        setting, tasks = paper_setting(k), _tasks(cells, k)
+        for method in _methods(cells, k):
+            means = []
+            for task in tasks:
+                c = cells.get((k, task, method), Cell())
+                p = paper.score(setting, METHODS[method], TASKS[task].paper_name)
+                rows.append(_row(k, method, task, c.mean, c.std, c.n, len(c.planned), c.complete, p))
+                means.append(c.mean)
+            complete = all(cells.get((k, t, method), Cell()).complete for t in tasks)
+            n = min(cells.get((k, t, method), Cell()).n for t in tasks)
+            rows.append(
+                _row(
+                    k,
+                    method,
+                    "Avg",
+                    _fmean(means),
+                    None,
+                    n,
+                    None,
+                    complete,
+                    _paper_avg(setting, method, tasks),
+                )
+            )
+        if baselines is not None:
+            get = baselines if callable(baselines) else baselines.get
+            for task in tasks:
+                rows.append(_row(k, "majority", task, get(task), None, None, None, True, None))
+    return rows
+
+
+def _row(k, method, task, mean, std, n, planned, complete, paper_value) -> dict:
+    diff = None if mean is None or paper_value is None else mean - paper_value
+    return {
+        "k": k,
+        "method": method,
+        "paper_method": METHODS.get(method, "majority class"),
+        "task": task,
+        "metric": TASKS[task].metric_label if task in TASKS else "avg",
+        "mean": mean,
+        "std": std,
+        "n_seeds": n,
+        "n_planned": planned,
+        "complete": complete,
+        "paper": paper_value,
+        "diff": diff,
+    }
+
+
+def table2_rows(cells: Mapping[Key, Cell]) -> list[dict]:
+    """Paper Table 2: each UniPELT variant against the best of its single methods, per task."""
+    rows = []
+    for k in _ks(cells):
+        setting, tasks = paper_setting(k), _tasks(cells, k)
+        for unipelt, singles in TABLE2:
+            if unipelt not in _methods(cells, k):
+                continue
+            ours_b, ours_u, pap_b, pap_u, which = [], [], [], [], []
+            for task in tasks:
+                single = {m: cells[(k, task, m)].mean for m in singles if (k, task, m) in cells}
+                single = {m: v for m, v in single.items() if v is not None}
+                best = max(single, key=single.get) if len(single) == len(singles) else None
+                u = cells.get((k, task, unipelt), Cell()).mean
+                pn = TASKS[task].paper_name
+                pb = [paper.score(setting, METHODS[m], pn) for m in singles]
+                ours_b.append(single[best] if best else None)
+                ours_u.append(u)
+                which.append(best)
+                pap_b.append(None if None in pb else max(pb))
+                pap_u.append(paper.score(setting, METHODS[unipelt], pn))
+            for task, ob, ou, pb, pu, w in zip(tasks, ours_b, ours_u, pap_b, pap_u, which, strict=True):
+                rows.append(_t2(k, unipelt, singles, task, ob, w, ou, pb, pu))
+            pb_avg, pu_avg = _fmean(pap_b), _fmean(pap_u)
+            if len(tasks) == len(TASKS):  # the paper's published Table 2 figures
+                label = "best of {" + ";".join(METHODS[m][0] for m in singles) + "}"
+                pb_avg = paper.table2().get((setting, label), pb_avg)
+                pu_avg = paper.table2().get((setting, METHODS[unipelt]), pu_avg)
+            rows.append(_t2(k, unipelt, singles, "Avg", _fmean(ours_b), None, _fmean(ours_u), pb_avg, pu_avg))
+    return rows
+
+
+def _t2(k, unipelt, singles, task, ours_best, which, ours_u, paper_best, paper_u) -> dict:
+    def gain(u, b):
+        return None if u is None or b is None else u - b
+
+    return {
+        "k": k,
+        "unipelt": unipelt,
+        "singles": "/".join(singles),
+        "task": task,
+        "ours_best_single": ours_best,
+        "ours_best_method": which,
+        "ours_unipelt": ours_u,
+        "ours_gain": gain(ours_u, ours_best),
+        "paper_best_single": paper_best,
+        "paper_unipelt": paper_u,
+        "paper_gain": gain(paper_u, paper_best),
+    }
+
+
+def efficiency_rows(records: list[dict]) -> list[dict]:
+    """Paper Table 4 from the runs: params, train time/epoch and inference time vs fine-tuning.
+
+    Times are compared within the same (K, task) and averaged over those pairs, so a method run
+    on more tasks than fine-tuning is not favoured by the tasks' different lengths.
+    """
+    by: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("status") == "done":
+            k, task, method, _ = run_id(r)
+            by[(k, task, method)].append(r)
+
+    def mean_of(rs, f):
+        vals = [v for v in map(f, rs) if v is not None]
+        return statistics.fmean(vals) if vals else None
+
+    def per_example(r):
+        n = r.get("test_examples")
+        return r["test_time_s"] / n if n and r.get("test_time_s") is not None else None
+
+    rows = []
+    for method in [m for m in METHODS if any(key[2] == m for key in by)]:
+        rs = [r for key, v in by.items() if key[2] == method for r in v]
+        train_ratio, infer_ratio = [], []
+        for (k, task, m), v in by.items():
+            ft = by.get((k, task, "finetune"))
+            if m != method or not ft:
+                continue
+            for f, acc in (
+                (lambda r: r.get("train_time_per_epoch_s"), train_ratio),
+                (per_example, infer_ratio),
+            ):
+                a, b = mean_of(v, f), mean_of(ft, f)
+                if a is not None and b:
+                    acc.append(a / b)
+        p = paper.table4().get(METHODS[method], {})
+        rows.append(
+            {
+                "method": method,
+                "paper_method": METHODS[method],
+                "trainable_params": statistics.median(r["trainable_params"] for r in rs),
+                "trainable_pct": 100
+                * statistics.median(r["trainable_params"] / r["total_params"] for r in rs),
+                "train_time_pct": 100 * statistics.fmean(train_ratio) if train_ratio else None,
+                "inference_time_pct": 100 * statistics.fmean(infer_ratio) if infer_ratio else None,
+                "paper_trainable_params": p.get("trainable_params"),
+                "paper_trainable_pct": p.get("trainable_pct"),
+                "paper_train_time_pct": p.get("train_time_pct"),
+                "paper_inference_time_pct": p.get("inference_time_pct"),
+                "runs": len(rs),
+            }
+        )
+    return rows
+
+
+def build(root: Path, baselines: Baselines | None = None) -> Report:
+    records = load_records(root)
+    cells = aggregate(records, load_planned(root))
+    return Report(table1_rows(cells, baselines), table2_rows(cells), efficiency_rows(records), records)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _f(x: float | None, nd: int = 1, sign: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def _params(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for div, unit in ((1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.{1 if n < 100 * div else 0}f}{unit}"
+    return f"{n:.0f}"
+
+
+def _cell(r: dict) -> str:
+    if r["method"] == "majority":
+        return "n/a" if r["mean"] is None else _f(r["mean"])
+    if r["mean"] is None:
+        ours = "–"
+    elif r["std"] is None:
+        ours = _f(r["mean"])
+    else:
+        ours = f"{_f(r['mean'])} ± {_f(r['std'])}"
+    if r["n_planned"] is not None and not r["complete"]:
+        ours += f" *{r['n_seeds']}/{r['n_planned']}*"
+    elif r["task"] == "Avg" and not r["complete"]:
+        ours += " *incomplete*"
+    if r["paper"] is None:
+        return ours
+    return f"{ours} ({_f(r['paper'], 2)}, {_f(r['diff'], sign=True)})"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
+def to_markdown(rep: Report, title: str = "UniPELT reproduction") -> str:
+    out = [f"# {title}", "", *_setup(rep.records), ""]
+    out += [
+        "## Table 1: GLUE dev (the paper's test set)",
+        "",
+        "Cell: ours mean ± std over seeds (paper, ours − paper). *n/N*: only n of N planned seeds "
+        "finished. Avg is over the tasks in the table (the paper's column recomputed on the same "
+        "tasks). Metrics ×100: "
+        + ", ".join(f"{t.paper_name} {t.metric_label}" for t in TASKS.values())
+        + ".",
+        "",
+    ]
+    for k in dict.fromkeys(r["k"] for r in rep.table1):
+        rows = [r for r in rep.table1 if r["k"] == k]
+        cols = list(dict.fromkeys(r["task"] for r in rows if r["method"] != "majority")) or list(
+            dict.fromkeys(r["task"] for r in rows)
+        )
+        grid = defaultdict(dict)
+        for r in rows:
+            grid[r["method"]][r["task"]] = _cell(r)
+        header = ["K=" + k if k != "full" else "full data"] + [
+            TASKS[c].paper_name if c in TASKS else c for c in cols
+        ]
+        body = [[METHODS.get(m, "Majority class")] + [grid[m].get(c, "–") for c in cols] for m in grid]
+        out += [f"### {'K = ' + k if k != 'full' else 'Full data'}", "", *_md_table(header, body), ""]
+    if rep.table2:
+        out += [
+            "## Table 2: UniPELT against the best single method per task",
+            "",
+            "Best single = the best of the methods UniPELT combines, chosen per task on the test "
+            "score (as in the paper). Gain = UniPELT − best single.",
+            "",
+        ]
+        header = [
+            "K",
+            "UniPELT",
+            "task",
+            "ours best single",
+            "ours UniPELT",
+            "ours gain",
+            "paper best single",
+            "paper UniPELT",
+            "paper gain",
+        ]
+        body = [
+            [
+                r["k"],
+                METHODS[r["unipelt"]],
+                TASKS[r["task"]].paper_name if r["task"] in TASKS else "Avg",
+                _f(r["ours_best_single"]) + (f" ({r['ours_best_method']})" if r["ours_best_method"] else ""),
+                _f(r["ours_unipelt"]),
+                _f(r["ours_gain"], sign=True),
+                _f(r["paper_best_single"], 2),
+                _f(r["paper_unipelt"], 2),
+                _f(r["paper_gain"], 2, sign=True),
+            ]
+            for r in rep.table2
+        ]
+        out += [*_md_table(header, body), ""]
+    if rep.efficiency:
+        out += [
+            "## Table 4: efficiency relative to fine-tuning",
+            "",
+            "Ours: median trainable parameters over runs; train time per epoch and inference time "
+            "per test example as a percentage of fine-tuning on the same task and K (mean over "
+            "those pairs). Paper: BERT-base.",
+            "",
+        ]
+        header = [
+            "method",
+            "trainable params",
+            "paper",
+            "train time",
+            "paper",
+            "inference time",
+            "paper",
+            "runs",
+        ]
+        body = [
+            [
+                r["paper_method"],
+                f"{_params(r['trainable_params'])} ({r['trainable_pct']:.2f}%)",
+                f"{_params(r['paper_trainable_params'])} ({_f(r['paper_trainable_pct'], 2)}%)"
+                if r["paper_trainable_params"]
+                else "–",
+                _pct(r["train_time_pct"]),
+                _pct(r["paper_train_time_pct"]),
+                _pct(r["inference_time_pct"]),
+                _pct(r["paper_inference_time_pct"]),
+                str(r["runs"]),
+            ]
+            for r in rep.efficiency
+        ]
+        out += [*_md_table(header, body), ""]
+    failed = [r for r in rep.records if r.get("status") != "done"]
+    if failed:
+        out += ["## Failed runs", ""]
+        out += [f"- `{_run_name(r)}`: {r.get('error', 'failed')}" for r in failed]
+        out += [""]
+    return "\n".join(out)
+
+
+def _run_name(rec: dict) -> str:
+    k, task, method, seed = run_id(rec)
+    return f"{task}/{k_tag(k)}/{method}/seed{seed}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}%"
+
+
+def _setup(records: list[dict]) -> list[str]:
+    """What the numbers were measured with: backbone, hardware, runs, wall time, extra CLI args."""
+    done = [r for r in records if r.get("status") == "done"]
+    if not records:
+        return ["No runs found."]
+    models = sorted({str(r.get("model_name_or_path")) for r in done})
+    hosts = sorted(
+        {
+            f"{h.get('machine')} {h.get('cpus')} CPUs" + (f", GPU {r['device']}" if r.get("device") else "")
+            for r in records
+            if (h := r.get("host"))
+        }
+    )
+    wall = sum(r.get("wall_time_s", 0) for r in records)
+    lines = [
+        f"- Runs: {len(done)} done, {len(records) - len(done)} failed.",
+        f"- Backbone: {', '.join(models) or '–'}.",
+        f"- Hardware: {'; '.join(hosts) or 'unknown'}.",
+        f"- Wall time summed over runs: {wall / 3600:.2f} h.",
+    ]
+    args, epochs = defaultdict(set), defaultdict(list)
+    for r in done:
+        cmd = r.get("command") or []
+        if "--trainer.default_root_dir" in cmd:  # what follows are the grid's extra / per-method args
+            args[r["method"]].add(" ".join(cmd[cmd.index("--trainer.default_root_dir") + 2 :]))
+        if r.get("epochs") is not None:
+            epochs[r["method"]].append(r["epochs"])
+    for m in (m for m in METHODS if m in args or m in epochs):
+        e = epochs[m]
+        ep = f"epochs run {min(e)}-{max(e)} (mean {statistics.fmean(e):.1f})" if e else ""
+        lines.append(f"- {METHODS[m]}: " + "; ".join(x for x in [*sorted(args[m]), ep] if x))
+    return lines
+
+
+def write_csvs(rep: Report, stem: Path) -> list[Path]:
+    paths = []
+    for name, rows in (("table1", rep.table1), ("table2", rep.table2), ("efficiency", rep.efficiency)):
+        if not rows:
+            continue
+        path = stem.with_name(f"{stem.stem}_{name}.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        paths.append(path)
+    return paths
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="unipelt report", description=__doc__.split("\n\n")[0])
+    p.add_argument("root", type=Path, help="grid folder written by `unipelt reproduce`")
+    p.add_argument("--out", type=Path, help="markdown file (default: <root>/report.md); CSVs beside it")
+    p.add_argument("--data-dir", type=Path, help="GLUE folder: adds the majority-class baseline row")
+    p.add_argument("--gates", action="store_true", help="also write gate heatmaps (needs matplotlib)")
+    args = p.parse_args(list(argv))
+    baselines = None
+    if args.data_dir:
+        from .baseline import from_glue_dir
+
+        baselines = from_glue_dir(args.data_dir, list(TASKS))
+    rep = build(args.root, baselines)
+    out = args.out or args.root / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = to_markdown(rep)
+    if args.gates:
+        from .gates import plot_gates
+
+        pngs = plot_gates(rep.records, out.parent)
+        text += "\n## Gates\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+        print(f"wrote {len(pngs)} gate heatmaps to {out.parent}")
+    out.write_text(text)
+    paths = write_csvs(rep, out)
+    print(f"wrote {out} and {', '.join(map(str, paths))}")
+    return 0

@@ -1,0 +1,96 @@
+"""Reading a grid folder back: per-run records, planned runs, and per-cell mean/std over seeds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .tasks import TASKS
+
+Key = tuple[str, str, str]  # (k, task, method); k is "100" or "full"
+
+
+def run_id(rec: dict) -> tuple[str, str, str, int]:
+    """(k, task, method, seed) of a metrics.json, from the runner's "run" block or the summary."""
+    r = rec.get("run")
+    if r:
+        return str(r["k"]), r["task"], r["method"], int(r["seed"])
+    k = rec.get("k_shot")
+    return ("full" if k is None else str(k)), rec["task"], rec["method"], int(rec["seed"])
+
+
+def load_records(root: Path) -> list[dict]:
+    """Every metrics.json under ``root`` (a grid folder or a parent of several)."""
+    recs = []
+    for p in sorted(Path(root).rglob("metrics.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        rec["_path"] = str(p)
+        recs.append(rec)
+    return recs
+
+
+def load_planned(root: Path) -> set[tuple[str, str, str, int]]:
+    """Runs any runner invocation planned under ``root`` (from ``.plans/*.json``)."""
+    out = set()
+    for p in Path(root).rglob(".plans/*.json"):
+        for r in json.loads(p.read_text())["runs"]:
+            out.add((str(r["k"]), r["task"], r["method"], int(r["seed"])))
+    return out
+
+
+def paper_score(rec: dict) -> float | None:
+    """The run's test score in the paper's metric for its task, in percent."""
+    if rec.get("status") != "done":
+        return None
+    value = rec.get("test", {}).get(TASKS[rec["task"]].test_key)
+    return None if value is None else 100.0 * float(value)
+
+
+@dataclass
+class Cell:
+    """One (K, task, method) cell: the finished seeds' scores and how many seeds were planned."""
+
+    scores: dict[int, float] = field(default_factory=dict)  # seed -> score (%)
+    planned: set[int] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def complete(self) -> bool:
+        return self.n > 0 and self.planned <= set(self.scores)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.scores.values()) if self.scores else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (ddof=1); 0 for a single seed."""
+        if not self.scores:
+            return None
+        return statistics.stdev(self.scores.values()) if self.n > 1 else 0.0
+
+
+def aggregate(records: list[dict], planned: set[tuple[str, str, str, int]] = frozenset()) -> dict[Key, Cell]:
+    cells: dict[Key, Cell] = defaultdict(Cell)
+    for k, task, method, seed in planned:
+        cells[(k, task, method)].planned.add(seed)
+    for rec in records:
+        k, task, method, seed = run_id(rec)
+        cell = cells[(k, task, method)]
+        cell.planned.add(seed)
+        score = paper_score(rec)
+        if score is None:
+            cell.failed.add(seed)
+        else:
+            cell.scores[seed] = score
+    return dict(cells)

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random Hugging Face encoders (no download, milliseconds to build)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture
+def make_tiny() -> Callable[..., torch.nn.Module]:
+    """make_tiny(family="bert"|"roberta", seed=0, num_labels=3, attn="sdpa"|"eager", **config)."""
+
+    def make(family: str = "bert", seed: int = 0, num_labels: int = 3, attn: str = "sdpa",
+             **overrides) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        kwargs = {**TINY, "num_labels": num_labels, **overrides}
+        if family == "bert":
+            model = BertForSequenceClassification(BertConfig(**kwargs))
+        elif family == "roberta":
+            model = RobertaForSequenceClassification(RobertaConfig(**kwargs))
+        else:
+            raise ValueError(family)
+        model.config._attn_implementation_internal = attn
+        return model
+
+    return make

@@ -1,0 +1,166 @@
+"""End to end through the real CLI: fit -> summary -> test --ckpt_path, checkpoints, configs, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cli import SUMMARY_FILE, build_cli, main
+from tests.fixtures import write_rte, write_stsb, write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("glue")
+    write_rte(root, n_train=60, n_dev=21)
+    write_stsb(root, n_train=60, n_dev=21)
+    return root
+
+
+def common_args(model: Path, data: Path, out: Path, method: str = "unipelt_apl", task: str = "rte") -> list[str]:
+    return [
+        "--config",
+        str(ROOT / "configs" / f"{task}_k100.yaml"),
+        "--model.model_name_or_path",
+        str(model),
+        "--model.method",
+        method,
+        "--data.data_dir",
+        str(data),
+        "--data.k_shot",
+        "16",
+        "--data.dev_size",
+        "24",
+        "--data.batch_size",
+        "8",
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+
+
+@pytest.mark.parametrize("method,task", [("unipelt_apl", "rte"), ("lora", "stsb")])
+def test_fit_then_test_from_checkpoint_reproduces_metrics(tiny_model, glue_dir, tmp_path, method, task):
+    out = tmp_path / "run"
+    args = common_args(tiny_model, glue_dir, out, method, task)
+    build_cli(["fit", *args, "--trainer.max_epochs", "2", "--model.learning_rate", "0.01"])
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["method"] == method and summary["task"] == task and summary["k_shot"] == 16
+    assert summary["epochs"] == 2 and summary["test_examples"] == 21
+    metric = "test/spearman" if task == "stsb" else "test/accuracy"
+    assert metric in summary["test"]
+    best = Path(summary["best_checkpoint"])
+    assert best.exists() and (best.parent / "last.ckpt").exists()
+
+    # The checkpoint holds exactly the trainable tensors and the identity of the run.
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    from lightning_modules import UniPELTLightningModule
+
+    module = UniPELTLightningModule(model_name_or_path=str(tiny_model), task=task, method=method)
+    assert set(ckpt["state_dict"]) == module.trainable_parameter_names
+    assert ckpt["unipelt"]["method"] == method and ckpt["unipelt"]["task"] == task
+
+    # `test --ckpt_path` in a fresh process state reloads the backbone and gives the same metrics.
+    cli = build_cli(["test", *args, "--ckpt_path", str(best)])
+    again = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/") and "loss" not in k}
+    assert again == pytest.approx(summary["test"], abs=0)
+
+    # The exported folded weights load into a fresh model and give the checkpoint's predictions.
+    from unipelt import load_pelt_state_dict
+
+    reference = UniPELTLightningModule.load_from_checkpoint(best).eval()
+    fresh = UniPELTLightningModule(**reference.hparams).eval()
+    load_pelt_state_dict(fresh.model, torch.load(summary["exported_weights"], weights_only=False))
+    ids = torch.randint(5, 60, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh(input_ids=ids, attention_mask=mask).logits,
+            reference(input_ids=ids, attention_mask=mask).logits,
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_checkpoint_is_far_smaller_than_fine_tuning(tiny_model, glue_dir, tmp_path):
+    sizes = {}
+    for method in ("lora", "finetune"):
+        out = tmp_path / method
+        build_cli(["fit", *common_args(tiny_model, glue_dir, out, method), "--trainer.max_epochs", "1"])
+        sizes[method] = Path(json.loads((out / SUMMARY_FILE).read_text())["best_checkpoint"]).stat().st_size
+    assert sizes["lora"] < 0.25 * sizes["finetune"], sizes
+
+
+def test_refuses_to_overwrite_a_finished_run(tiny_model, glue_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / SUMMARY_FILE).write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *common_args(tiny_model, glue_dir, out), "--trainer.max_epochs", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: pytest's argv warning)
+    assert err.startswith("error: ") and "already holds a finished run" in err and "--overwrite" in err
+    assert (out / SUMMARY_FILE).read_text() == "{}"
+
+
+def test_unknown_method_is_one_line_exit_2(tiny_model, glue_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *common_args(tiny_model, glue_dir, tmp_path / "r", method="lorra")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "lorra" in err and "unipelt_apl" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    task, size = config.stem.split("_")
+    assert printed["data"]["task"] == task
+    assert printed["data"]["k_shot"] == (None if size == "full" else int(size[1:]))
+    assert printed["model"]["method"] == "unipelt_apl"
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_ddp_two_processes_fit_and_exact_test_metrics(tiny_model, glue_dir, tmp_path):
+    """2 CPU processes (gloo): fit writes one checkpoint; testing it on an odd-sized test set (21
+    examples: the default sampler would pad one shard) gives exactly the 1-process metrics."""
+    out = tmp_path / "ddp"
+    args = common_args(tiny_model, glue_dir, out)
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    fit = _run_cli(["fit", *args, *ddp, "--trainer.max_epochs", "1", "--model.learning_rate", "0.01"], tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    ckpts = sorted(p.name for p in out.rglob("*.ckpt"))
+    assert len([c for c in ckpts if c.startswith("best")]) == 1, ckpts
+    assert summary["test_examples"] == 21  # every test example counted once across the two ranks
+
+    single = build_cli(["test", *args, "--ckpt_path", summary["best_checkpoint"]])
+    one = {k: float(v) for k, v in single.trainer.callback_metrics.items() if k.startswith("test/") and "loss" not in k}
+    assert one == pytest.approx(summary["test"], abs=1e-6)
