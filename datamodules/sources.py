@@ -89,9 +89,7 @@ def task_folder(task: TaskInfo, data_dir: str | Path) -> Path:
 
 
 def _holds_split_files(task: TaskInfo, folder: Path) -> bool:
-    return any(
-        (folder / f).is_file() or _parquet_files(folder, s) for s, f in TSV_LAYOUTS[task.name].files.items()
-    )
+    return any((folder / f).is_file() or _parquet_files(folder, s) for s, f in TSV_LAYOUTS[task.name].files.items())
 
 
 def _parquet_files(folder: Path, split: str) -> list[Path]:
@@ -111,8 +109,7 @@ def split_files(task: TaskInfo, split: str, data_dir: str | Path) -> list[Path]:
     if parquet := _parquet_files(folder, split):
         return parquet
     raise DataConfigError(
-        f"data_dir={str(data_dir)!r} lacks {tsv} (task {task.name}, split {split}; "
-        f"no {split}-*.parquet either)"
+        f"data_dir={str(data_dir)!r} lacks {tsv} (task {task.name}, split {split}; no {split}-*.parquet either)"
     )
 
 
@@ -142,9 +139,7 @@ def source_fingerprint(task: TaskInfo, split: str, data_dir: str | Path | None) 
 def load_raw_split(task: TaskInfo, split: str, data_dir: str | Path | None = None) -> Dataset:
     """One labelled split, from `data_dir` when given, else from the hub."""
     if split not in TSV_LAYOUTS[task.name].files:
-        raise DataConfigError(
-            f"split={split!r} is not a labelled split of {task.name}; use one of {raw_splits(task)}"
-        )
+        raise DataConfigError(f"split={split!r} is not a labelled split of {task.name}; use one of {raw_splits(task)}")
     if data_dir is None:
         return _from_hub(task, split)
     files = split_files(task, split, data_dir)
@@ -172,9 +167,7 @@ def _canonical(task: TaskInfo, ds: Dataset, where: str) -> Dataset:
     """Same columns, order and types as `read_tsv`, with the labels checked against the task."""
     wanted = [*task.text_fields, "label", "idx"]
     if missing := [c for c in wanted if c not in ds.column_names and c != "idx"]:
-        raise DataConfigError(
-            f"{where}: columns {missing} missing for task {task.name}; found {ds.column_names}"
-        )
+        raise DataConfigError(f"{where}: columns {missing} missing for task {task.name}; found {ds.column_names}")
     if "idx" not in ds.column_names:
         ds = ds.add_column("idx", list(range(len(ds))))
     ds = ds.select_columns(wanted)
@@ -201,9 +194,7 @@ def read_tsv(task: TaskInfo, path: Path) -> Dataset:
         names = lines[0].rstrip("\r").split("\t") if lines else []
         needed = [*layout.columns.values(), layout.label]
         if missing := [c for c in needed if c not in names]:
-            raise DataConfigError(
-                f"{path}:1: header lacks column(s) {missing} for task {task.name}; found {names}"
-            )
+            raise DataConfigError(f"{path}:1: header lacks column(s) {missing} for task {task.name}; found {names}")
         position = {c: names.index(c) for c in needed}
         num_columns, first = len(names), 1
     else:
@@ -216,9 +207,7 @@ def read_tsv(task: TaskInfo, path: Path) -> Dataset:
     for lineno in range(first + 1, len(lines) + 1):
         parts = lines[lineno - 1].rstrip("\r").split("\t")
         if len(parts) != num_columns:
-            raise DataConfigError(
-                f"{path}:{lineno}: expected {num_columns} tab-separated columns, found {len(parts)}"
-            )
+            raise DataConfigError(f"{path}:{lineno}: expected {num_columns} tab-separated columns, found {len(parts)}")
         for name, at in columns.items():
             texts[name].append(parts[at])
         labels.append(parse(parts[label_at], lineno))
@@ -244,9 +233,7 @@ def _label_parser(task: TaskInfo, path: Path) -> Callable[[str, int], float | in
             except ValueError:
                 number = math.nan
             if not low <= number <= high:
-                raise DataConfigError(
-                    f"{path}:{lineno}: label {value!r} is not a score in {low}..{high} ({task.name})"
-                )
+                raise DataConfigError(f"{path}:{lineno}: label {value!r} is not a score in {low}..{high} ({task.name})")
             return number
 
         return score

@@ -10,8 +10,7 @@ from datamodules.errors import DataConfigError
 def check_split_size(k_shot: int, dev_size: int, num_rows: int, where: str) -> None:
     if k_shot + dev_size > num_rows:
         raise DataConfigError(
-            f"k_shot={k_shot} + dev_size={dev_size} = {k_shot + dev_size} "
-            f"is more than the {num_rows} rows of {where}"
+            f"k_shot={k_shot} + dev_size={dev_size} = {k_shot + dev_size} is more than the {num_rows} rows of {where}"
         )
 
 

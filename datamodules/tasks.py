@@ -54,9 +54,7 @@ GLUE_TASKS: dict[str, TaskInfo] = {
     for t in (
         _task("cola", "CoLA", ("sentence",), ("unacceptable", "acceptable"), ("matthews",)),
         _task("sst2", "SST-2", ("sentence",), ("negative", "positive"), ("accuracy",)),
-        _task(
-            "mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1")
-        ),
+        _task("mrpc", "MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1")),
         _task("stsb", "STS-B", ("sentence1", "sentence2"), (), ("pearson", "spearman")),
         _task("qqp", "QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1")),
         _task(

@@ -40,7 +40,7 @@ def write_tokenizer(folder: Path, with_token_types: bool = True) -> str:
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghij.,"]
     vocab.write_text("\n".join(tokens) + "\n")
     kwargs = {} if with_token_types else {"model_input_names": ["input_ids", "attention_mask"]}
-    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, **kwargs).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(vocab), do_lower_case=True, **kwargs).save_pretrained(folder)
     return str(folder)
 
 
@@ -86,9 +86,7 @@ MNLI_FILES = {
 }
 
 
-def write_task(
-    root: Path, task: str, seed: int = 0, sizes: dict[str, int] | None = None
-) -> dict[str, list[dict]]:
+def write_task(root: Path, task: str, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
     """Write `root/<GLUE dir>/` for one task; return {hub split: expected rows in hub terms}."""
     info, rng = GLUE_TASKS[task], random.Random(f"{task}-{seed}")
     folder = root / info.glue_dir
@@ -106,9 +104,7 @@ def write_task(
             label = round(rng.uniform(0, 5), 3) if info.is_regression else i % info.num_labels
             lines.append(_row(task, i, texts, label, rng, split))
             stored = texts[0] + " " if task == "sst2" else texts[0]
-            rows.append(
-                {**dict(zip(info.text_fields, [stored, *texts[1:]], strict=True)), "label": label, "idx": i}
-            )
+            rows.append({**dict(zip(info.text_fields, [stored, *texts[1:]], strict=True)), "label": label, "idx": i})
         body = "\n".join(lines)
         # CoLA's dev file ends without a newline, as the original does.
         no_final_newline = task == "cola" and split == "validation"

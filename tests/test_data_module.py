@@ -154,8 +154,7 @@ class _RecordOrder(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         assert set(batch) >= {"input_ids", "attention_mask", "labels"}
         rows = [
-            ids[mask.bool()].tolist()
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+            ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
         ]
         self.seen.setdefault(self.current_epoch, []).extend(rows)
         return self.weight.sum() * 0 + batch["labels"].float().mean() * self.weight.sum()
@@ -168,9 +167,7 @@ def test_lightning_epochs_replay_from_seed_and_epoch(glue, tokenizer, tmp_path) 
     dm = make(glue, tokenizer, tmp_path, "sst2", k_shot=16, dev_size=8, batch_size=4, seed=3)
     model = _RecordOrder()
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-    trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", limit_val_batches=0, enable_model_summary=False, **quiet
-    )
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", limit_val_batches=0, enable_model_summary=False, **quiet)
     trainer.fit(model, datamodule=dm)
     assert model.seen[0] != model.seen[1]
     for epoch in (0, 1):

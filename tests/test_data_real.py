@@ -68,9 +68,7 @@ def test_rte_k100_with_a_real_tokenizer(tmp_path, seed: int) -> None:
     # The authors' split, computed independently from the file with the csv module.
     with open(SHARED_GLUE / "RTE" / "train.tsv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    reference = Dataset.from_dict(
-        {"s1": [r["sentence1"] for r in rows], "s2": [r["sentence2"] for r in rows]}
-    )
+    reference = Dataset.from_dict({"s1": [r["sentence1"] for r in rows], "s2": [r["sentence2"] for r in rows]})
     reference = reference.shuffle(seed=seed)
     tokenizer = dm.tokenizer
     for split, picked in (("train", range(100)), ("validation", range(100, 1100))):
