@@ -7,8 +7,10 @@ prints a summary and writes it to `<trainer.default_root_dir>/summary.json`. The
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -16,12 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from datamodules import DataConfigError, GLUEDataModule
-from lightning_modules import CheckpointMismatchError, EpochTimer, UniPELTLightningModule
+from lightning_modules import (
+    AtomicCheckpointIO,
+    CheckpointFileError,
+    CheckpointMismatchError,
+    EpochTimer,
+    ModelConfigError,
+    UniPELTLightningModule,
+    load_checkpoint_file,
+)
 from unipelt import PELTError, pelt_state_dict
 
 SUMMARY_FILE = "summary.json"
@@ -31,13 +42,32 @@ class UsageError(ValueError):
     """A bad command-line value, reported in one line with exit code 2."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN/inf: one line on stderr, exit code 1; the last good checkpoint stays."""
+
+
 # Errors that are the user's input, not our bug: one line on stderr, exit code 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UsageError,
     PELTError,
     DataConfigError,
+    ModelConfigError,
+    CheckpointFileError,
     CheckpointMismatchError,
 )
+DIVERGED_EXIT_CODE = 1
+# `ckpt_path` values Lightning resolves itself; anything else is a file.
+_SPECIAL_CKPT = ("last", "best", "hpc", "registry")
+_DATA_OPTIONS = frozenset(inspect.signature(GLUEDataModule.__init__).parameters) - {"self"}
+
+
+def user_message(err: BaseException) -> str:
+    """One line; the datamodule says `k_shot=0: ...`, which the command line knows as `--data.k_shot`."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    match = re.match(r"(\w+)=", text)
+    if isinstance(err, DataConfigError) and match and match.group(1) in _DATA_OPTIONS:
+        text = "--data." + text
+    return text
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -85,8 +115,18 @@ class UniPELTCLI(LightningCLI):
             help="Allow `fit` into a default_root_dir that already holds a finished run's summary.json.",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would load the checkpoint's hyperparameters over the command line here (a pickle
+        traceback for a bad file; a checkpoint of another method or backbone silently taking over).
+        Here the configuration states the run: the file is only checked (readable, written by unipelt),
+        and `before_<subcommand>` says which of method, backbone and task differs, if any."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and str(ckpt_path) not in _SPECIAL_CKPT:
+            load_checkpoint_file(ckpt_path, mmap=True)
+
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(default_run_dir(config))
         if self.subcommand == "fit":
@@ -99,10 +139,92 @@ class UniPELTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
-        if self.config[self.subcommand].trainer.logger in (None, True):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
             trainer.loggers = _loggers(trainer.default_root_dir)
         trainer.callbacks.append(EpochTimer())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    # ------------------------------------------------------------------ checks before anything is written
+    def _check_inputs(self) -> None:
+        """Everything that can be wrong with the input, checked before Lightning writes a log folder or a
+        checkpoint: the tokenizer, max_seq_length against the backbone, the data files (parsed by
+        prepare_data on the first process of a node) and a --ckpt_path (readable, ours, the same run)."""
+        model, dm = self.model, self.datamodule
+        path = model.hparams.model_name_or_path
+        try:
+            tokenizer = dm.tokenizer
+        except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a bad folder
+            raise ModelConfigError(
+                f"--model.model_name_or_path {str(path)!r}: no usable tokenizer ({_first_line(err)})"
+            ) from None
+        # transformers 5 makes an empty tokenizer (special tokens only) for a folder without tokenizer files.
+        probe = tokenizer("the of and a to in is", add_special_tokens=False)["input_ids"]
+        if tokenizer.unk_token_id is not None and all(i == tokenizer.unk_token_id for i in probe):
+            raise ModelConfigError(
+                f"--model.model_name_or_path {str(path)!r}: no usable tokenizer (its vocabulary is empty: "
+                "tokenizer files missing?)"
+            )
+        embeddings = model.model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > embeddings:
+            raise ModelConfigError(
+                f"--model.model_name_or_path {str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the "
+                f"model embeds only {embeddings} (tokenizer files of another model?)"
+            )
+        if dm.hparams.max_seq_length > model.max_input_length:
+            raise UsageError(
+                f"--data.max_seq_length {dm.hparams.max_seq_length} is over the {model.max_input_length} "
+                f"positions of --model.model_name_or_path {str(path)!r}"
+            )
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP: the other ranks wait for it inside the trainer
+            dm.prepare_data()
+        self._check_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path == "last":
+            # Resolved here: Lightning looks in the trainer's own checkpoint folders before the model's
+            # callbacks (which write to <default_root_dir>/checkpoints) are attached, and finds nothing.
+            folder = Path(self.trainer.default_root_dir) / "checkpoints"
+            found = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                if self.subcommand != "fit":
+                    raise UsageError(f"--ckpt_path last: no last*.ckpt in {str(folder)!r}")
+                print(f"--ckpt_path last: no checkpoint in {str(folder)!r} yet; training from the start", flush=True)
+                self.config_init[self.subcommand]["ckpt_path"] = None
+                return
+            ckpt_path = str(found[-1])
+            self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
+        elif ckpt_path in _SPECIAL_CKPT:
+            return
+        checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
+        try:
+            self.model.check_checkpoint(checkpoint)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(f"--ckpt_path {str(ckpt_path)!r}: {err}") from None
+
+    def before_validate(self) -> None:
+        self._check_inputs()
+
+    def before_test(self) -> None:
+        self._check_inputs()
+
+    def fit(self, **kwargs: Any) -> None:
+        try:
+            self.trainer.fit(**kwargs)
+        except FloatingPointError as err:
+            kept = [
+                str(p)
+                for c in self.trainer.checkpoint_callbacks
+                for p in (getattr(c, "last_model_path", ""), c.best_model_path)
+                if p and Path(p).exists()
+            ]
+            where = f"; the last good checkpoints are kept: {', '.join(dict.fromkeys(kept))}" if kept else ""
+            raise TrainingDiverged(f"training stopped: {err}{where}") from None
 
     def after_fit(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
@@ -117,6 +239,7 @@ class UniPELTCLI(LightningCLI):
         self._write_summary(results, best, fit_time, test_time, log_dir)
 
     def before_fit(self) -> None:
+        self._check_inputs()
         self._fit_start = time.perf_counter()
 
     @rank_zero_only
@@ -198,8 +321,16 @@ def main(args: list[str] | None = None) -> None:
     try:
         build_cli(None if args is None else argv)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"error: {user_message(err)}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT_CODE)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 if __name__ == "__main__":

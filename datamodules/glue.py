@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from datamodules.cache import cache_key, default_cache_dir, load_or_build, tokenize, tokenizer_identity
 from datamodules.errors import DataConfigError
+from datamodules.resumable import ResumableDataLoader
 from datamodules.samplers import EpochSeededRandomSampler, UnpaddedDistributedSampler
 from datamodules.sources import (
     count_rows,
@@ -116,8 +117,12 @@ class GLUEDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self._split("train")
-        # Shuffle order is a pure function of (split seed, epoch); see EpochSeededRandomSampler.
-        return self._loader(data, self.batch_size, EpochSeededRandomSampler(data, seed=self.seed))
+        # Batch order belongs to the training seed (`seed_everything` sets torch's initial seed), as in
+        # the authors' code; the split seed only picks the examples. The order is a pure function of
+        # (training seed, epoch), see EpochSeededRandomSampler, and a run resumed mid-epoch gets exactly
+        # the batches it had not trained on (resumable.py).
+        sampler = EpochSeededRandomSampler(data, seed=torch.initial_seed())
+        return self._loader(data, self.batch_size, sampler, ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         data = self._split("validation")
@@ -139,8 +144,10 @@ class GLUEDataModule(pl.LightningDataModule):
             raise RuntimeError(f"the {name} split is not loaded: call setup() for its stage first")
         return self.datasets[name]
 
-    def _loader(self, data: Dataset, batch_size: int, sampler: Sampler) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self, data: Dataset, batch_size: int, sampler: Sampler, loader: type[DataLoader] = DataLoader
+    ) -> DataLoader:
+        return loader(
             data,
             batch_size=batch_size,
             sampler=sampler,

@@ -21,6 +21,7 @@ class EpochSeededRandomSampler(RandomSampler):
         super().__init__(data_source)
         self.seed = seed
         self.epoch = 0
+        self.start = 0  # a resumed epoch starts here (set by ResumableDataLoader); back to 0 after
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -29,7 +30,8 @@ class EpochSeededRandomSampler(RandomSampler):
         # SeedSequence mixes the pair, so (seed, epoch + 1) never repeats (seed + 1, epoch).
         state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, dtype=np.uint64)[0]
         generator = torch.Generator().manual_seed(int(state))
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        start, self.start = self.start, 0
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()[start:]
 
 
 class UnpaddedDistributedSampler(DistributedSampler):

@@ -1,10 +1,29 @@
-"""Lightning glue: the UniPELT model on a GLUE task."""
+"""Lightning glue: the UniPELT model on a GLUE task, and checkpoints that resume exactly."""
 
+from lightning_modules.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointFileError,
+    ExactResume,
+    LastCheckpoint,
+    load_checkpoint_file,
+)
 from lightning_modules.unipelt_module import (
     DEFAULT_LEARNING_RATES,
     CheckpointMismatchError,
     EpochTimer,
+    ModelConfigError,
     UniPELTLightningModule,
 )
 
-__all__ = ["DEFAULT_LEARNING_RATES", "CheckpointMismatchError", "EpochTimer", "UniPELTLightningModule"]
+__all__ = [
+    "DEFAULT_LEARNING_RATES",
+    "AtomicCheckpointIO",
+    "CheckpointFileError",
+    "CheckpointMismatchError",
+    "EpochTimer",
+    "LastCheckpoint",
+    "ModelConfigError",
+    "ExactResume",
+    "UniPELTLightningModule",
+    "load_checkpoint_file",
+]

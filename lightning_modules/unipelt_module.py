@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,6 +22,7 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 from datamodules.tasks import TaskInfo, get_task
+from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values
 
 # Learning rates of a third-party reproduction that says it follows the paper (../shared/paper
@@ -37,11 +39,14 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "unipelt_apl_nogate": 5e-4,
 }
 
-CHECKPOINT_KEY = "unipelt"
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not belong to the configured run (method, backbone or task differ)."""
+
+
+class ModelConfigError(ValueError):
+    """A bad `--model.*` value (a path that is not a model, a bad option), told in one line."""
 
 
 def _make_metric(name: str, task: TaskInfo) -> torch.nn.Module:
@@ -56,6 +61,12 @@ def _make_metric(name: str, task: TaskInfo) -> torch.nn.Module:
     if name == "spearman":
         return SpearmanCorrCoef()
     raise ValueError(f"unknown metric {name!r}")
+
+
+def _check_options(**checks: tuple[Any, bool, str]) -> None:
+    for name, (value, ok, rule) in checks.items():
+        if not ok:
+            raise ModelConfigError(f"--model.{name} {value!r}: must be {rule}")
 
 
 def backbone_fingerprint(model: torch.nn.Module) -> str:
@@ -75,6 +86,8 @@ class UniPELTLightningModule(pl.LightningModule):
         learning_rate: AdamW learning rate; None takes the method's default.
         warmup_ratio: fraction of the training steps with linear warm-up.
         early_stopping_patience: validation rounds without improvement before stopping; None: never.
+        checkpoint_every_n_steps: also write `last.ckpt` every this many optimizer steps, so a killed
+            run resumes (`--ckpt_path last`) mid-epoch; 0 or None: only after each validation.
     """
 
     def __init__(
@@ -88,9 +101,25 @@ class UniPELTLightningModule(pl.LightningModule):
         warmup_ratio: float = 0.0,
         adam_epsilon: float = 1e-8,
         early_stopping_patience: int | None = 10,
+        checkpoint_every_n_steps: int | None = 500,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check_options(
+            learning_rate=(learning_rate, learning_rate is None or 0 < learning_rate < math.inf, "> 0"),
+            weight_decay=(weight_decay, 0 <= weight_decay < math.inf, ">= 0"),
+            warmup_ratio=(warmup_ratio, 0 <= warmup_ratio <= 1, "in 0..1"),
+            early_stopping_patience=(
+                early_stopping_patience,
+                early_stopping_patience is None or early_stopping_patience >= 0,
+                ">= 0 (or null: never stop early)",
+            ),
+            checkpoint_every_n_steps=(
+                checkpoint_every_n_steps,
+                checkpoint_every_n_steps is None or checkpoint_every_n_steps >= 0,
+                ">= 0 (0 or null: after each validation only)",
+            ),
+        )
         self.task_info = get_task(task)
         if method not in PRESETS:
             raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
@@ -117,13 +146,24 @@ class UniPELTLightningModule(pl.LightningModule):
                 num_labels=task.num_labels,
                 problem_type="regression" if task.is_regression else "single_label_classification",
             )
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(
-                f"--model.model_name_or_path {path!r} is not a Hugging Face model folder or hub name ({first})"
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ModelConfigError(
+                f"--model.model_name_or_path {str(path)!r} is not a Hugging Face model folder or hub name ({first})"
             ) from None
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
-        return apply_pelt(model, self.pelt_config)
+        # from_pretrained returns eval mode and Lightning keeps each module's mode: without .train()
+        # the backbone's dropout would stay off during training.
+        return apply_pelt(model, self.pelt_config).train()
+
+    @property
+    def max_input_length(self) -> int:
+        """Longest input the backbone's position embeddings allow (RoBERTa-style models offset by padding_idx + 1)."""
+        cfg = self.model.config
+        limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+        if limit and cfg.model_type in ("roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl"):
+            limit -= int(cfg.pad_token_id or 0) + 1
+        return limit if limit > 0 else 1 << 30
 
     def _metrics(self, prefix: str) -> MetricCollection:
         return MetricCollection({m: _make_metric(m, self.task_info) for m in self.task_info.metrics}, prefix=prefix)
@@ -219,16 +259,24 @@ class UniPELTLightningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Model selection on the task's main dev metric (paper: F1 > Matthews > Spearman > accuracy)."""
+        """Model selection on the task's main dev metric (paper: F1 > Matthews > Spearman > accuracy), plus
+        what an exact resume needs: `last.ckpt` every `checkpoint_every_n_steps` steps and the RNG states.
+
+        Checkpoints go to `<default_root_dir>/checkpoints/` whatever the logger's version, so that
+        `--ckpt_path last` finds them in the next process and the best-checkpoint bookkeeping resumes.
+        """
+        dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints") if self._trainer is not None else None
         callbacks: list[pl.Callback] = [
             ModelCheckpoint(
+                dirpath=dirpath,
                 monitor=self.main_metric,
                 mode="max",
                 save_top_k=1,
-                save_last=True,
                 filename="best-{epoch}-{step}",
                 auto_insert_metric_name=False,
-            )
+            ),
+            LastCheckpoint(dirpath=dirpath, every_n_train_steps=self.hparams.get("checkpoint_every_n_steps") or 0),
+            ExactResume(),
         ]
         if self.hparams.early_stopping_patience is not None:
             callbacks.append(
@@ -255,9 +303,19 @@ class UniPELTLightningModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_parameter_names
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never let NaN weights replace the last good checkpoint
+            raise FloatingPointError(
+                f"non-finite trainable weights ({bad[0]}) at global step {self.global_step}: "
+                f"the learning rate ({self.learning_rate:g}) is likely too high"
+            )
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raise CheckpointMismatchError naming what differs (method, backbone or task) if `checkpoint` is not ours."""
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
@@ -280,7 +338,7 @@ class UniPELTLightningModule(pl.LightningModule):
             raise CheckpointMismatchError(
                 f"task differs: the checkpoint was trained on {saved['task']!r} but the config uses {ours['task']!r}"
             )
-        missing = self.trainable_parameter_names - set(checkpoint["state_dict"])
+        missing = self.trainable_parameter_names - set(checkpoint.get("state_dict", {}))
         if missing:
             raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {min(missing)}")
 
