@@ -229,14 +229,17 @@ class UniPELTCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
         fit_time = time.perf_counter() - self._fit_start
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt else ""
+        # Read before `test`: it attaches fresh callbacks from configure_callbacks, without fit's scores.
+        best_score = float(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None
         if trainer.interrupted:
             return
         test_start = time.perf_counter()
         results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         test_time = time.perf_counter() - test_start
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: every rank
-        self._write_summary(results, best, fit_time, test_time, log_dir)
+        self._write_summary(results, best, best_score, fit_time, test_time, log_dir)
 
     def before_fit(self) -> None:
         self._check_inputs()
@@ -244,11 +247,16 @@ class UniPELTCLI(LightningCLI):
 
     @rank_zero_only
     def _write_summary(
-        self, results: list[dict[str, float]], best: str, fit_time: float, test_time: float, log_dir: Path
+        self,
+        results: list[dict[str, float]],
+        best: str,
+        best_score: float | None,
+        fit_time: float,
+        test_time: float,
+        log_dir: Path,
     ) -> None:
         trainer, model, dm = self.trainer, self.model, self.datamodule
         timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
-        ckpt = trainer.checkpoint_callback
         test = {k: float(v) for r in results for k, v in r.items() if not k.endswith("/loss")}
         export = None
         if model.hparams.method != "finetune":
@@ -262,10 +270,7 @@ class UniPELTCLI(LightningCLI):
             "seed": self.config.fit.seed_everything,
             "model_name_or_path": str(model.hparams.model_name_or_path),
             "learning_rate": model.learning_rate,
-            "best_val": {
-                "name": model.main_metric,
-                "value": float(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None,
-            },
+            "best_val": {"name": model.main_metric, "value": best_score},
             "test": test,
             "best_checkpoint": best,
             "exported_weights": str(export) if export else None,

@@ -9,13 +9,18 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from datamodules.cache import cache_key, default_cache_dir, load_or_build, tokenize, tokenizer_identity
 from datamodules.errors import DataConfigError
 from datamodules.resumable import ResumableDataLoader
-from datamodules.samplers import EpochSeededRandomSampler, UnpaddedDistributedSampler
+from datamodules.samplers import (
+    EpochSeededRandomSampler,
+    OrderedEvalSampler,
+    UnpaddedDistributedSampler,
+    longest_first,
+)
 from datamodules.sources import (
     count_rows,
     eval_split,
@@ -211,8 +216,10 @@ class GLUEDataModule(pl.LightningDataModule):
 
 
 def _eval_sampler(data: Dataset) -> Sampler:
-    """Under DDP, shard without Lightning's padding so each example is scored once; else in order."""
+    """Longest rows first (less padding per batch); under DDP sharded without Lightning's padding
+    so each example is scored exactly once."""
+    order = longest_first([len(ids) for ids in data["input_ids"]])
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return UnpaddedDistributedSampler(data)
-    return SequentialSampler(data)
+        return UnpaddedDistributedSampler(data, order=order)
+    return OrderedEvalSampler(data, order)

@@ -68,6 +68,13 @@ def test_fit_then_test_from_checkpoint_reproduces_metrics(tiny_model, glue_dir, 
     assert metric in summary["test"]
     best = Path(summary["best_checkpoint"])
     assert best.exists() and (best.parent / "last.ckpt").exists()
+    # The summary's best dev score is the best of the dev scores logged during fit.
+    import csv
+
+    main_metric = summary["best_val"]["name"]
+    rows = list(csv.DictReader((out / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    logged = [float(r[main_metric]) for r in rows if r.get(main_metric)]
+    assert len(logged) == 2 and summary["best_val"]["value"] == pytest.approx(max(logged), abs=1e-7)
 
     # The checkpoint holds exactly the trainable tensors and the identity of the run.
     ckpt = torch.load(best, map_location="cpu", weights_only=False)

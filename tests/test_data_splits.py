@@ -113,8 +113,26 @@ def test_eval_loaders_use_it_under_ddp(glue: Path, tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 1)
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         assert isinstance(loader.sampler, UnpaddedDistributedSampler)
-        assert loader.sampler.rank == 1 and list(loader.sampler) == list(range(1, len(loader.dataset), 2))
+        lengths = [len(ids) for ids in loader.dataset["input_ids"]]
+        by_length = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        assert loader.sampler.rank == 1 and list(loader.sampler) == by_length[1::2]
     assert len(dm.val_dataloader().sampler) == 7  # 15 rows: ranks get 8 and 7, no padding
+
+
+def test_eval_runs_longest_first_and_pads_less(glue: Path, tmp_path: Path) -> None:
+    dm = GLUEDataModule("rte", write_tokenizer(tmp_path / "tok"), data_dir=str(glue), k_shot=16, dev_size=15,
+                        eval_batch_size=4, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm.setup()
+    loader = dm.val_dataloader()
+    lengths = [len(ids) for ids in loader.dataset["input_ids"]]
+    assert len(set(lengths)) > 1  # the fixture has rows of different lengths
+    order = list(loader.sampler)
+    assert sorted(order) == list(range(len(lengths)))  # every example once
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    padded = sum(b["input_ids"].numel() for b in loader)
+    in_file_order = sum(max(lengths[i:i + 4]) * len(lengths[i:i + 4]) for i in range(0, len(lengths), 4))
+    assert padded <= in_file_order and padded == sum(
+        max(lengths[i] for i in order[j:j + 4]) * len(order[j:j + 4]) for j in range(0, len(order), 4))
 
 
 def test_train_order_is_a_function_of_seed_and_epoch() -> None:
