@@ -2,7 +2,7 @@
 
 `fit` trains, keeps the best checkpoint by the task's main dev metric, then tests that checkpoint,
 prints a summary and writes it to `<trainer.default_root_dir>/summary.json`. The console script
-`unipelt` is this file; `unipelt reproduce` and `unipelt report` run the paper's grid (reproduce/).
+`unipelt` is this file; `unipelt reproduce`, `unipelt select` and `unipelt report` run the paper's grid (reproduce/).
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def build_cli(args: list[str] | None, run: bool = True) -> UniPELTCLI:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in ("reproduce", "report"):
+    if argv and argv[0] in ("reproduce", "select", "report"):
         from reproduce import main as reproduce_main
 
         sys.exit(reproduce_main(argv))
