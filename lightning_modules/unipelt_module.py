@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
@@ -264,7 +265,14 @@ class UniPELTLightningModule(pl.LightningModule):
 
         Checkpoints go to `<default_root_dir>/checkpoints/` whatever the logger's version, so that
         `--ckpt_path last` finds them in the next process and the best-checkpoint bookkeeping resumes.
+
+        Only for `fit`: `validate`/`test` need none of them, and on a trainer that already holds them
+        (the test after fit) Lightning 2.6 replaces callbacks by type walking a set, so whether the old
+        `LastCheckpoint` (a ModelCheckpoint subclass) is replaced depends on hash order. Ranks could
+        then hold different numbers of checkpoint callbacks, whose setup broadcasts hang DDP.
         """
+        if self._trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            return []
         dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints") if self._trainer is not None else None
         callbacks: list[pl.Callback] = [
             ModelCheckpoint(

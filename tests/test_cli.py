@@ -60,8 +60,14 @@ def common_args(model: Path, data: Path, out: Path, method: str = "unipelt_apl",
 def test_fit_then_test_from_checkpoint_reproduces_metrics(tiny_model, glue_dir, tmp_path, method, task):
     out = tmp_path / "run"
     args = common_args(tiny_model, glue_dir, out, method, task)
-    build_cli(["fit", *args, "--trainer.max_epochs", "2", "--model.learning_rate", "0.01"])
+    fitted = build_cli(["fit", *args, "--trainer.max_epochs", "2", "--model.learning_rate", "0.01"])
     summary = json.loads((out / SUMMARY_FILE).read_text())
+    # The test after fit keeps fit's callbacks: one best-checkpoint and one last-checkpoint callback
+    # (a duplicate would make DDP ranks disagree on collective calls; see configure_callbacks).
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    kinds = sorted(type(c).__name__ for c in fitted.trainer.callbacks if isinstance(c, ModelCheckpoint))
+    assert kinds == ["LastCheckpoint", "ModelCheckpoint"]
     assert summary["method"] == method and summary["task"] == task and summary["k_shot"] == 16
     assert summary["epochs"] == 2 and summary["test_examples"] == 21
     metric = "test/spearman" if task == "stsb" else "test/accuracy"
