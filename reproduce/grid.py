@@ -70,6 +70,7 @@ class GridOptions:
     retry_failed: bool = False
     prune_checkpoints: bool = False  # delete *.ckpt of finished runs (metrics.json keeps the results)
     cwd: Path | None = None  # None: the caller's folder, so relative paths in args mean what they say
+    threads_per_run: int | None = None  # OMP_NUM_THREADS of each run; None: see cpu_threads_per_run()
 
 
 # ---------------------------------------------------------------- planning
@@ -171,6 +172,8 @@ def execute(
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
+    if opts.threads_per_run:
+        env["OMP_NUM_THREADS"] = str(opts.threads_per_run)
     record = {
         "run": run.as_dict(),
         "command": cmd,
@@ -286,6 +289,14 @@ def _write_plan(runs: Sequence[Run], out: Path) -> None:
     )
 
 
+def cpu_threads_per_run(workers: int, devices: Sequence[str]) -> int | None:
+    """Parallel CPU runs share the cores instead of each starting one thread per core (torch's
+    default), which oversubscribes the machine; an explicit OMP_NUM_THREADS is left alone."""
+    if devices or workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
     """Run every unfinished run, ``opts.workers`` at a time; safe to start several times at once."""
     opts.out = opts.out.resolve()
@@ -294,6 +305,8 @@ def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
     n_failed = sum(s == "failed" for s in states.values()) if not opts.retry_failed else 0
     todo = [r for r in runs if states[r] != "done" and (opts.retry_failed or states[r] != "failed")]
     n_workers = max(1, opts.workers or len(opts.devices) or 1)
+    if opts.threads_per_run is None:
+        opts.threads_per_run = cpu_threads_per_run(n_workers, opts.devices)
     progress = Progress(len(runs), sum(s == "done" for s in states.values()), n_failed, n_workers)
     result = GridResult()
     queue = iter(todo)

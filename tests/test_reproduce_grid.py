@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from reproduce import locks
-from reproduce.grid import GridOptions, Run, parse_ints, plan, run_grid, status
+from reproduce.grid import GridOptions, Run, cpu_threads_per_run, parse_ints, plan, run_grid, status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,7 @@ summary = {"task": task, "k_shot": 100, "method": method, "data_seed": seed, "se
            "trainable_params": 10 if method != "finetune" else 1000, "total_params": 1000,
            "epochs": 3, "fit_time_s": 1.0, "train_time_per_epoch_s": 0.5 if method != "finetune" else 1.0,
            "test_time_s": 0.2, "test_examples": 20, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+           "omp": os.environ.get("OMP_NUM_THREADS"),
            "gates": gates if method.startswith("unipelt") else {}}
 json.dump(summary, open(out + "/summary.json", "w"))
 """
@@ -194,6 +195,18 @@ def test_devices_pin_one_gpu_per_worker(fake):
     run_grid(GRID[:4], opts)
     recs = [json.loads((opts.out / r.rel_dir / "metrics.json").read_text()) for r in GRID[:4]]
     assert {r["cuda"] for r in recs} <= {"0", "1"} and all(r["cuda"] == r["device"] for r in recs)
+
+
+def test_parallel_cpu_runs_share_the_cores(fake, monkeypatch):
+    opts, _ = fake
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    opts.workers = 2
+    run_grid(GRID[:2], opts)
+    assert {json.loads((opts.out / r.rel_dir / "metrics.json").read_text())["omp"] for r in GRID[:2]} == {"4"}
+    assert cpu_threads_per_run(1, []) is None and cpu_threads_per_run(3, ["0", "1", "2"]) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    assert cpu_threads_per_run(2, []) is None
 
 
 def test_lock_is_exclusive_and_stale_locks_are_reclaimed(tmp_path):
