@@ -399,14 +399,31 @@ def _setup(records: list[dict]) -> list[str]:
     for r in done:
         cmd = r.get("command") or []
         if "--trainer.default_root_dir" in cmd:  # what follows are the grid's extra / per-method args
-            args[r["method"]].add(" ".join(cmd[cmd.index("--trainer.default_root_dir") + 2 :]))
+            args[r["method"]].add(tuple(_options(cmd[cmd.index("--trainer.default_root_dir") + 2 :])))
         if r.get("epochs") is not None:
             epochs[r["method"]].append(r["epochs"])
+    every = [set(o) for options in args.values() for o in options]
+    common = set.intersection(*every) if every else set()
+    if common:
+        first = next(o for options in args.values() for o in options)
+        lines.append("- Arguments of every run: `" + " ".join(o for o in first if o in common) + "`.")
     for m in (m for m in METHODS if m in args or m in epochs):
         e = epochs[m]
         ep = f"epochs run {min(e)}-{max(e)} (mean {statistics.fmean(e):.1f})" if e else ""
-        lines.append(f"- {METHODS[m]}: " + "; ".join(x for x in [*sorted(args[m]), ep] if x))
+        own = sorted(" ".join(o for o in options if o not in common) for options in args[m])
+        lines.append(f"- {METHODS[m]}: " + "; ".join(x for x in [*(f"`{a}`" for a in own if a), ep] if x))
     return lines
+
+
+def _options(tokens: Sequence[str]) -> list[str]:
+    """``["--a", "1", "--b", "x", "y"]`` -> ``["--a 1", "--b x y"]``: one string per option."""
+    out: list[str] = []
+    for token in tokens:
+        if token.startswith("--") or not out:
+            out.append(token)
+        else:
+            out[-1] += f" {token}"
+    return out
 
 
 def write_csvs(rep: Report, stem: Path) -> list[Path]:

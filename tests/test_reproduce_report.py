@@ -209,3 +209,16 @@ def test_markdown_has_baseline_row(grid):
     text = to_markdown(build(root, {"rte": 52.7, "mrpc": 81.2, "stsb": None}))
     row = next(line for line in text.splitlines() if line.startswith("| Majority class"))
     assert "52.7" in row and "81.2" in row and "n/a" in row
+
+
+def test_setup_lists_shared_arguments_once_and_each_methods_own():
+    from reproduce.report import _setup
+
+    def rec(method: str, lr: str, epochs: int) -> dict:
+        cmd = ["cli.py", "fit", "--trainer.default_root_dir", "x", "--data.data_dir", "g", "--model.learning_rate", lr]
+        return {"status": "done", "method": method, "command": cmd, "epochs": epochs, "model_name_or_path": "m"}
+
+    lines = _setup([rec("lora", "5e-4", 20), rec("lora", "5e-4", 30), rec("adapter", "3e-4", 24)])
+    assert "- Arguments of every run: `--data.data_dir g`." in lines
+    assert "- Adapter: `--model.learning_rate 3e-4`; epochs run 24-24 (mean 24.0)" in lines
+    assert "- LoRA: `--model.learning_rate 5e-4`; epochs run 20-30 (mean 25.0)" in lines
