@@ -71,6 +71,7 @@ class GridOptions:
     prune_checkpoints: bool = False  # delete *.ckpt of finished runs (metrics.json keeps the results)
     cwd: Path | None = None  # None: the caller's folder, so relative paths in args mean what they say
     threads_per_run: int | None = None  # OMP_NUM_THREADS of each run; None: see cpu_threads_per_run()
+    rerun_changed: bool = False  # run again finished runs whose recorded arguments differ from these
 
 
 # ---------------------------------------------------------------- planning
@@ -297,11 +298,68 @@ def cpu_threads_per_run(workers: int, devices: Sequence[str]) -> int | None:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+# Options whose values say where things live, not what is run: a grid copied to another machine resumes.
+_PATH_OPTIONS = ("--config", "--trainer.default_root_dir", "--data.data_dir", "--model.model_name_or_path")
+
+
+def run_arguments(cmd: Sequence[str]) -> list[str]:
+    """What a run's command asks for (everything after ``fit``), without the values of path options."""
+    args = list(cmd[list(cmd).index("fit") + 1 :]) if "fit" in cmd else list(cmd)
+    return [a for i, a in enumerate(args) if not (i > 0 and args[i - 1] in _PATH_OPTIONS)]
+
+
+def changed_runs(runs: Sequence[Run], opts: GridOptions) -> list[tuple[Run, list[str], list[str]]]:
+    """Finished runs whose recorded command asks for something else than this invocation would
+    (other learning rate, epochs, ...): (run, recorded arguments, planned arguments)."""
+    out = []
+    for run in runs:
+        record = read_metrics(opts.out / run.rel_dir)
+        if not record or record.get("status") != "done" or not record.get("command"):
+            continue
+        then = run_arguments(record["command"])
+        now = run_arguments(command(run, opts, opts.out / run.rel_dir))
+        if then != now:
+            out.append((run, then, now))
+    return out
+
+
+def group_options(tokens: Sequence[str]) -> list[str]:
+    """``["--a", "1", "--b", "x", "y"]`` -> ``["--a 1", "--b x y"]``: one string per option."""
+    out: list[str] = []
+    for token in tokens:
+        if token.startswith("--") or not out:
+            out.append(token)
+        else:
+            out[-1] += f" {token}"
+    return out
+
+
+class ArgumentsChanged(RuntimeError):
+    """Finished runs of this grid were made with other arguments; resuming would mix two settings."""
+
+
 def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
-    """Run every unfinished run, ``opts.workers`` at a time; safe to start several times at once."""
+    """Run every unfinished run, ``opts.workers`` at a time; safe to start several times at once.
+
+    A finished run made with other arguments than this invocation's is never silently kept:
+    ``ArgumentsChanged`` unless ``opts.rerun_changed``, which runs it again.
+    """
     opts.out = opts.out.resolve()
+    changed = changed_runs(runs, opts)
+    if changed and not opts.rerun_changed:
+        run, then, now = changed[0]
+        was, wants = group_options(then), group_options(now)
+        old = " ".join(o for o in was if o not in wants) or "-"
+        new = " ".join(o for o in wants if o not in was) or "-"
+        raise ArgumentsChanged(
+            f"{len(changed)} finished run(s) in {opts.out} were made with other arguments, e.g. {run.name} "
+            f"had `{old}` where this asks for `{new}`; pass --rerun-changed to run them again, or use another --out"
+        )
     _write_plan(runs, opts.out)
     states = {r: status(opts.out / r.rel_dir) for r in runs}
+    rerun = {run for run, _, _ in changed}
+    for run in rerun:
+        states[run] = None  # run again (its folder is emptied when it starts)
     n_failed = sum(s == "failed" for s in states.values()) if not opts.retry_failed else 0
     todo = [r for r in runs if states[r] != "done" and (opts.retry_failed or states[r] != "failed")]
     n_workers = max(1, opts.workers or len(opts.devices) or 1)
@@ -327,6 +385,8 @@ def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
                 continue
             try:
                 now = status(opts.out / run.rel_dir)  # another process may have finished it
+                if now == "done" and run in rerun and changed_runs([run], opts):
+                    now = None  # still the old arguments' result
                 if now == "done" or (now == "failed" and not opts.retry_failed):
                     progress.skip(now == "done")
                     continue
@@ -395,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="restart runs recorded as failed")
     p.add_argument("--prune-checkpoints", action="store_true", help="delete finished runs' *.ckpt files")
     p.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="run again finished runs whose recorded arguments differ from this invocation's (default: refuse)",
+    )
+    p.add_argument(
         "--method-args",
         type=Path,
         help="JSON file {'lora': [args...], 'rte:lora': [args...]} of per-method CLI args",
@@ -433,17 +498,24 @@ def main(argv: Sequence[str]) -> int:
         devices=[d for d in args.devices.split(",") if d],
         retry_failed=args.retry_failed,
         prune_checkpoints=args.prune_checkpoints,
+        rerun_changed=args.rerun_changed,
     )
     if args.cli:
         opts.cli = shlex.split(args.cli)
     if args.dry_run:
+        changed = {run for run, _, _ in changed_runs(runs, opts)}
         for r in runs:
-            if status(opts.out / r.rel_dir) != "done":
-                print(shlex.join(command(r, opts, opts.out / r.rel_dir)))
+            if status(opts.out / r.rel_dir) != "done" or r in changed:
+                note = "  # finished with other arguments" if r in changed else ""
+                print(shlex.join(command(r, opts, opts.out / r.rel_dir)) + note)
         return 0
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops runs cleanly too
-    res = run_grid(runs, opts)
+    try:
+        res = run_grid(runs, opts)
+    except ArgumentsChanged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     msg = f"[grid] finished: {res.done}/{len(runs)} done, {res.failed} failed"
     if res.held_elsewhere:
         msg += f", {len(res.held_elsewhere)} held by another worker"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paper
+from .grid import group_options
 from .results import Cell, Key, aggregate, load_planned, load_records, run_id
 from .tasks import METHODS, TABLE2, TASKS, k_tag, paper_setting
 
@@ -399,7 +400,7 @@ def _setup(records: list[dict]) -> list[str]:
     for r in done:
         cmd = r.get("command") or []
         if "--trainer.default_root_dir" in cmd:  # what follows are the grid's extra / per-method args
-            args[r["method"]].add(tuple(_options(cmd[cmd.index("--trainer.default_root_dir") + 2 :])))
+            args[r["method"]].add(tuple(group_options(cmd[cmd.index("--trainer.default_root_dir") + 2 :])))
         if r.get("epochs") is not None:
             epochs[r["method"]].append(r["epochs"])
     every = [set(o) for options in args.values() for o in options]
@@ -413,17 +414,6 @@ def _setup(records: list[dict]) -> list[str]:
         own = sorted(" ".join(o for o in options if o not in common) for options in args[m])
         lines.append(f"- {METHODS[m]}: " + "; ".join(x for x in [*(f"`{a}`" for a in own if a), ep] if x))
     return lines
-
-
-def _options(tokens: Sequence[str]) -> list[str]:
-    """``["--a", "1", "--b", "x", "y"]`` -> ``["--a 1", "--b x y"]``: one string per option."""
-    out: list[str] = []
-    for token in tokens:
-        if token.startswith("--") or not out:
-            out.append(token)
-        else:
-            out[-1] += f" {token}"
-    return out
 
 
 def write_csvs(rep: Report, stem: Path) -> list[Path]:

@@ -18,7 +18,17 @@ from pathlib import Path
 import pytest
 
 from reproduce import locks
-from reproduce.grid import GridOptions, Run, cpu_threads_per_run, parse_ints, plan, run_grid, status
+from reproduce.grid import (
+    ArgumentsChanged,
+    GridOptions,
+    Run,
+    changed_runs,
+    cpu_threads_per_run,
+    parse_ints,
+    plan,
+    run_grid,
+    status,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +123,29 @@ def test_resume_skips_finished_and_restarts_unfinished(fake, monkeypatch):
     opts.retry_failed = True
     res = run_grid(GRID, opts)
     assert sorted(invocations(log)) == ["mrpc/lora/0", "mrpc/lora/1"] and (res.done, res.failed) == (8, 0)
+
+
+def test_finished_runs_with_other_arguments_are_refused_or_rerun(fake):
+    opts, log = fake
+    opts.method_args = {"lora": ["--model.learning_rate", "1e-3"]}
+    opts.data_dir, opts.model = "/here/glue", "/here/model"
+    run_grid(GRID, opts)
+    log.write_text("")
+    # Moving the grid (other config/data/model paths) is not a change: it resumes as it is.
+    opts.configs_dir, opts.data_dir, opts.model = opts.configs_dir / "moved", "/elsewhere/glue", "/elsewhere/model"
+    assert run_grid(GRID, opts).done == 8 and invocations(log) == []
+    # Another learning rate for lora is: refused, nothing run or deleted ...
+    opts.method_args = {"lora": ["--model.learning_rate", "3e-3"]}
+    changed = r"4 finished run\(s\) .* had `--model.learning_rate 1e-3` where this asks for " \
+        r"`--model.learning_rate 3e-3`"
+    with pytest.raises(ArgumentsChanged, match=changed):
+        run_grid(GRID, opts)
+    assert invocations(log) == [] and all(status(opts.out / r.rel_dir) == "done" for r in GRID)
+    # ... unless asked: exactly the changed runs run again, with the new arguments.
+    opts.rerun_changed = True
+    assert run_grid(GRID, opts).done == 8
+    assert sorted(invocations(log)) == ["mrpc/lora/0", "mrpc/lora/1", "rte/lora/0", "rte/lora/1"]
+    assert changed_runs(GRID, opts) == []
 
 
 def test_interrupted_grid_resumes_without_redoing(fake, tmp_path):
