@@ -55,13 +55,22 @@ def choose(scores: DevScores) -> dict[str, tuple[float, float]]:
     return chosen
 
 
-def method_args(chosen: dict[str, tuple[float, float]], inherit: dict[str, str]) -> dict[str, str]:
-    """``--method-args`` JSON: each method's rate; ``inherit`` maps a method to the one it copies."""
+def only_task(scores: DevScores, task: str) -> DevScores:
+    """The sweep restricted to one task's runs."""
+    out = {key: {r: v for r, v in runs.items() if r[0] == task} for key, runs in scores.items()}
+    return {key: runs for key, runs in out.items() if runs}
+
+
+def method_args(chosen: dict[str, tuple[float, float]], inherit: dict[str, str], task: str | None = None
+                ) -> dict[str, str]:
+    """``--method-args`` JSON: each method's rate; ``inherit`` maps a method to the one it copies.
+    With ``task``, the keys are ``task:method`` (the grid applies them after the plain ones)."""
     args = {m: f"--model.learning_rate {lr:g}" for m, (lr, _) in chosen.items()}
     for method, source in inherit.items():
         if method not in chosen and source in chosen:
             args[method] = args[source]
-    return {m: args[m] for m in METHODS if m in args}
+    prefix = f"{task}:" if task else ""
+    return {prefix + m: args[m] for m in METHODS if m in args}
 
 
 def to_markdown(scores: DevScores, chosen: dict[str, tuple[float, float]]) -> str:
@@ -100,6 +109,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--out", type=Path, required=True, help="method-args JSON to write (markdown table beside it)")
     p.add_argument("--inherit", action="append", default=[], metavar="A,B=SOURCE",
                    help="methods that take SOURCE's chosen rate, e.g. unipelt_ap,unipelt_apl_nogate=unipelt_apl")
+    p.add_argument("--per-task", default="", metavar="T1,T2",
+                   help="tasks chosen on their own dev scores alone (keys task:method), e.g. stsb for the regression")
     args = p.parse_args(list(argv))
     missing = [str(r) for r in args.roots if not r.is_dir()]
     if missing:
@@ -108,12 +119,27 @@ def main(argv: Sequence[str]) -> int:
     scores = dev_scores(args.roots)
     if not scores:
         raise SystemExit(f"no finished runs with a dev score under {', '.join(map(str, args.roots))}")
-    chosen = choose(scores)
+    per_task = [t for t in args.per_task.split(",") if t]
+    bad = [t for t in per_task if t not in TASKS]
+    if bad:
+        raise SystemExit(f"--per-task {bad[0]!r} is not a task; choose from {', '.join(TASKS)}")
+    shared = {key: {r: v for r, v in runs.items() if r[0] not in per_task} for key, runs in scores.items()}
+    shared = {key: runs for key, runs in shared.items() if runs}
+    groups = [(None, shared)] + [(t, only_task(scores, t)) for t in per_task]
+    result, sections = {}, []
+    for task, group in groups:
+        if not group:
+            raise SystemExit(f"no finished runs with a dev score for {task or 'the shared tasks'}")
+        chosen = choose(group)
+        result.update(method_args(chosen, inherit, task))
+        title = f"## {TASKS[task].paper_name} alone" if task else "## " + (
+            "Every other task" if per_task else "All tasks")
+        sections.append(f"{title}\n\n{to_markdown(group, chosen)}")
+        for method, (lr, mean) in chosen.items():
+            print(f"{task + ':' if task else ''}{method}: learning rate {lr:g} (mean dev {100 * mean:.1f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(method_args(chosen, inherit), indent=1) + "\n")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     table = args.out.with_suffix(".md")
-    table.write_text(to_markdown(scores, chosen))
-    for method, (lr, mean) in chosen.items():
-        print(f"{method}: learning rate {lr:g} (mean dev {100 * mean:.1f})")
+    table.write_text("# Learning rates chosen on dev scores\n\n" + "\n".join(sections))
     print(f"wrote {args.out} and {table}")
     return 0

@@ -71,3 +71,21 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
         main(["select", str(tmp_path), "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="--inherit 'lorra=lora'"):
         main(["select", str(tmp_path), "--out", str(tmp_path / "x.json"), "--inherit", "lorra=lora"])
+
+
+def test_per_task_choice_for_a_task_of_its_own(sweep: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "lr.json"
+    with pytest.raises(SystemExit) as exit_:
+        main(["select", *map(str, sweep), "--out", str(out), "--per-task", "sst2"])
+    assert exit_.value.code == 0
+    # Without SST-2, RTE decides the shared rates (lora: 0.60 > 0.50; adapter: 0.60 > 0.50);
+    # SST-2 alone prefers the opposite rates (lora 0.80 > 0.76; adapter 0.80 > 0.76).
+    assert _load_method_args(out) == {
+        "adapter": ["--model.learning_rate", "0.0001"],
+        "lora": ["--model.learning_rate", "0.0015"],
+        "sst2:adapter": ["--model.learning_rate", "0.0003"],
+        "sst2:lora": ["--model.learning_rate", "0.0005"],
+    }
+    assert "## SST-2 alone" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="--per-task 'sts' is not a task"):
+        main(["select", *map(str, sweep), "--out", str(out), "--per-task", "sts"])
