@@ -14,7 +14,7 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from pathlib import Path
 
 from .results import load_records, run_id
@@ -55,9 +55,9 @@ def choose(scores: DevScores) -> dict[str, tuple[float, float]]:
     return chosen
 
 
-def only_task(scores: DevScores, task: str) -> DevScores:
-    """The sweep restricted to one task's runs."""
-    out = {key: {r: v for r, v in runs.items() if r[0] == task} for key, runs in scores.items()}
+def runs_of(scores: DevScores, tasks: Container[str], keep: bool = True) -> DevScores:
+    """The sweep restricted to the runs of ``tasks`` (``keep=False``: to every other task's runs)."""
+    out = {key: {r: v for r, v in runs.items() if (r[0] in tasks) == keep} for key, runs in scores.items()}
     return {key: runs for key, runs in out.items() if runs}
 
 
@@ -123,9 +123,7 @@ def main(argv: Sequence[str]) -> int:
     bad = [t for t in per_task if t not in TASKS]
     if bad:
         raise SystemExit(f"--per-task {bad[0]!r} is not a task; choose from {', '.join(TASKS)}")
-    shared = {key: {r: v for r, v in runs.items() if r[0] not in per_task} for key, runs in scores.items()}
-    shared = {key: runs for key, runs in shared.items() if runs}
-    groups = [(None, shared)] + [(t, only_task(scores, t)) for t in per_task]
+    groups = [(None, runs_of(scores, per_task, keep=False))] + [(t, runs_of(scores, {t})) for t in per_task]
     result, sections = {}, []
     for task, group in groups:
         if not group:
