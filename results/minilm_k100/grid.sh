@@ -29,8 +29,9 @@ grid() {  # grid <tasks> <out> <method-args json> <methods> <seeds> [runner opti
 grid rte,mrpc,cola,sst2 $R/grid $R/learning_rates_sst2.json "$METHODS" 0-2
 # 2. (seed 0 of the grid with the SST-2 rates is the sweep's run at that rate: copied, not run again)
 python $R/reuse_seed0.py $R
-for x in 1 3 10 30; do
-  grid stsb $R/sweep_stsb/lr_x$x $R/sweep_stsb_lr_x$x.json finetune,bitfit,adapter,prefix,lora,unipelt_apl 0 || true
+for x in 1 3 10 30; do  # each arm runs the methods its file gives a rate (x30 has no fine-tuning)
+  arm=$(python -c 'import json, sys; print(",".join(json.load(open(sys.argv[1]))))' $R/sweep_stsb_lr_x$x.json)
+  grid stsb $R/sweep_stsb/lr_x$x $R/sweep_stsb_lr_x$x.json "$arm" 0 || true
 done
 python cli.py select $R/sweep/lr_x1 $R/sweep/lr_x3 $R/sweep/lr_x10 \
   $R/sweep_stsb/lr_x1 $R/sweep_stsb/lr_x3 $R/sweep_stsb/lr_x10 $R/sweep_stsb/lr_x30 \
