@@ -371,8 +371,19 @@ def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
     qlock = threading.Lock()
     stop = threading.Event()
     active: dict[int, subprocess.Popen] = {}
+    workers_left = [n_workers]
+    all_stopped = threading.Event()
 
     def worker(i: int) -> None:
+        try:
+            work(i)
+        finally:
+            with qlock:
+                workers_left[0] -= 1
+                if workers_left[0] == 0:
+                    all_stopped.set()
+
+    def work(i: int) -> None:
         device = opts.devices[i % len(opts.devices)] if opts.devices else None
         while not stop.is_set():
             with qlock:
@@ -405,18 +416,20 @@ def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n_workers)]
     for t in threads:
         t.start()
+    # The main thread polls a flag with sleep() and never waits in Thread.join() while a signal can
+    # arrive: on Python 3.11 a Ctrl-C/SIGTERM that interrupts join() marks the still-running thread
+    # as finished (bpo-45274's fix), so the grid exited while a worker was still stopping its run
+    # and left that run's process behind.
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
+        while not all_stopped.is_set():
+            time.sleep(0.1)
     except KeyboardInterrupt:
         result.interrupted = True
         stop.set()
         print("[grid] interrupted: stopping running runs; they restart on the next start", flush=True)
         for p in list(active.values()):
             _kill_group(p)
-        for t in threads:
-            t.join()
+        all_stopped.wait()  # a worker whose run was starting kills it itself (see execute)
     result.done, result.failed = progress.done, progress.failed
     return result
 

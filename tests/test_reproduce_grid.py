@@ -40,6 +40,9 @@ task = os.path.basename(opt["--config"]).split("_")[0]
 method, seed, out = opt["--model.method"], int(opt["--data.seed"]), opt["--trainer.default_root_dir"]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(f"{task}/{method}/{seed}\n")
+if os.environ.get("FAKE_PIDS"):
+    with open(os.environ["FAKE_PIDS"], "a") as f:
+        f.write(f"{os.getpid()}\n")
 print("training", task, method, seed, flush=True)
 time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 if f"{task}:{method}" in os.environ.get("FAKE_FAIL", "").split(","):
@@ -148,6 +151,14 @@ def test_finished_runs_with_other_arguments_are_refused_or_rerun(fake):
     assert changed_runs(GRID, opts) == []
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_interrupted_grid_resumes_without_redoing(fake, tmp_path):
     opts, log = fake
     cmd = [
@@ -168,7 +179,8 @@ def test_interrupted_grid_resumes_without_redoing(fake, tmp_path):
         "--cli",
         f"{sys.executable} {tmp_path / 'fake_cli.py'}",
     ]
-    env = dict(os.environ, FAKE_SLEEP="0.7")
+    pids = tmp_path / "pids.log"
+    env = dict(os.environ, FAKE_SLEEP="0.7", FAKE_PIDS=str(pids))
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -178,11 +190,14 @@ def test_interrupted_grid_resumes_without_redoing(fake, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
+    # No run outlives the grid that started it (it would go on writing into a folder being resumed).
+    alive = [pid for pid in map(int, pids.read_text().split()) if _alive(pid)]
+    assert alive == [], f"run processes still alive after the grid exited: {alive}"
     finished = {p.parent for p in opts.out.rglob("metrics.json")}
     assert 2 <= len(finished) < 8
     started = invocations(log)
     log.write_text("")
-    env["FAKE_SLEEP"] = "0"
+    env["FAKE_SLEEP"], env["FAKE_PIDS"] = "0", ""
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ETA" in done.stdout or "8/8" in done.stdout
