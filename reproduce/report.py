@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from . import paper
 from .grid import group_options
 from .results import Cell, Key, aggregate, load_planned, load_records, run_id
@@ -397,23 +399,80 @@ def _setup(records: list[dict]) -> list[str]:
         f"- Wall time summed over runs: {wall / 3600:.2f} h.",
     ]
     args, epochs = defaultdict(set), defaultdict(list)
+    rates: defaultdict[str, defaultdict[float, set[str]]] = defaultdict(lambda: defaultdict(set))
     for r in done:
         cmd = r.get("command") or []
         if "--trainer.default_root_dir" in cmd:  # what follows are the grid's extra / per-method args
-            args[r["method"]].add(tuple(group_options(cmd[cmd.index("--trainer.default_root_dir") + 2 :])))
+            options = group_options(cmd[cmd.index("--trainer.default_root_dir") + 2 :])
+            # The rate is reported as the run used it (below); stacked per-task overrides would mislead.
+            args[r["method"]].add(tuple(o for o in options if not o.startswith("--model.learning_rate ")))
         if r.get("epochs") is not None:
             epochs[r["method"]].append(r["epochs"])
+        if r.get("learning_rate") is not None:
+            rates[r["method"]][r["learning_rate"]].add(r["task"])
     every = [set(o) for options in args.values() for o in options]
     common = set.intersection(*every) if every else set()
     if common:
         first = next(o for options in args.values() for o in options)
         lines.append("- Arguments of every run: `" + " ".join(o for o in first if o in common) + "`.")
-    for m in (m for m in METHODS if m in args or m in epochs):
+    settings = _saved_settings(done)
+    if settings:
+        lines.append(f"- Settings from the runs' saved configs: {settings}.")
+    for m in (m for m in METHODS if m in args or m in epochs or m in rates):
         e = epochs[m]
         ep = f"epochs run {min(e)}-{max(e)} (mean {statistics.fmean(e):.1f})" if e else ""
         own = sorted(" ".join(o for o in options if o not in common) for options in args[m])
-        lines.append(f"- {METHODS[m]}: " + "; ".join(x for x in [*(f"`{a}`" for a in own if a), ep] if x))
+        lr = _rates_by_task(rates[m])
+        lines.append(f"- {METHODS[m]}: " + "; ".join(x for x in [lr, *(f"`{a}`" for a in own if a), ep] if x))
     return lines
+
+
+# The training settings a reader needs beside the command-line arguments (the rest is in each run's config).
+SETTINGS = (
+    "data.batch_size",
+    "data.max_seq_length",
+    "data.dev_size",
+    "model.weight_decay",
+    "model.warmup_ratio",
+    "model.pelt_overrides",
+    "trainer.precision",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
+)
+
+
+def _saved_settings(records: list[dict]) -> str:
+    """``batch_size 16, max_seq_length 128, ...`` from the saved configs; a setting that differs says so."""
+    values: defaultdict[str, set[str]] = defaultdict(set)
+    for r in records:
+        try:
+            cfg = yaml.safe_load(r.get("config") or "") or {}
+        except yaml.YAMLError:
+            continue
+        for key in SETTINGS:
+            section, name = key.split(".")
+            if isinstance(cfg.get(section), dict) and name in cfg[section]:
+                values[key].add(str(cfg[section][name]))
+    shown = []
+    for key in SETTINGS:
+        if key in values:
+            v = sorted(values[key])
+            shown.append(f"{key.split('.')[1]} " + (v[0] if len(v) == 1 else f"varies ({', '.join(v)})"))
+    return ", ".join(shown)
+
+
+def _rates_by_task(rates: Mapping[float, set[str]]) -> str:
+    """``{2e-4: {rte, mrpc}, 6e-5: {stsb}}`` -> "learning rate 0.0002 (MRPC, RTE), 6e-05 (STS-B)"."""
+    if not rates:
+        return ""
+    if len(rates) == 1:
+        return f"learning rate {next(iter(rates)):g}"
+
+    def names(tasks: set[str]) -> str:
+        return ", ".join(sorted(TASKS[t].paper_name if t in TASKS else t for t in tasks))
+
+    by_use = sorted(rates.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return "learning rate " + ", ".join(f"{lr:g} ({names(tasks)})" for lr, tasks in by_use)
 
 
 def write_csvs(rep: Report, stem: Path) -> list[Path]:

@@ -211,14 +211,37 @@ def test_markdown_has_baseline_row(grid):
     assert "52.7" in row and "81.2" in row and "n/a" in row
 
 
-def test_setup_lists_shared_arguments_once_and_each_methods_own():
+def test_setup_lists_shared_arguments_once_and_the_rate_each_run_used():
     from reproduce.report import _setup
 
-    def rec(method: str, lr: str, epochs: int) -> dict:
-        cmd = ["cli.py", "fit", "--trainer.default_root_dir", "x", "--data.data_dir", "g", "--model.learning_rate", lr]
-        return {"status": "done", "method": method, "command": cmd, "epochs": epochs, "model_name_or_path": "m"}
+    def rec(method: str, task: str, lrs: list[str], epochs: int, **extra: str) -> dict:
+        cmd = ["cli.py", "fit", "--trainer.default_root_dir", "x", "--data.data_dir", "g"]
+        for lr in lrs:  # a method-wide rate, then a per-task override: the last one is what ran
+            cmd += ["--model.learning_rate", lr]
+        for k, v in extra.items():
+            cmd += [k, v]
+        return {"status": "done", "method": method, "task": task, "command": cmd, "epochs": epochs,
+                "model_name_or_path": "m", "learning_rate": float(lrs[-1])}
 
-    lines = _setup([rec("lora", "5e-4", 20), rec("lora", "5e-4", 30), rec("adapter", "3e-4", 24)])
+    lines = _setup([
+        rec("lora", "rte", ["5e-4"], 20),
+        rec("lora", "mrpc", ["5e-4"], 22),
+        rec("lora", "stsb", ["5e-4", "1.5e-3"], 30),
+        rec("adapter", "rte", ["3e-4"], 24, **{"--model.adapter_size": "16"}),
+    ])
     assert "- Arguments of every run: `--data.data_dir g`." in lines
-    assert "- Adapter: `--model.learning_rate 3e-4`; epochs run 24-24 (mean 24.0)" in lines
-    assert "- LoRA: `--model.learning_rate 5e-4`; epochs run 20-30 (mean 25.0)" in lines
+    assert "- Adapter: learning rate 0.0003; `--model.adapter_size 16`; epochs run 24-24 (mean 24.0)" in lines
+    assert "- LoRA: learning rate 0.0005 (MRPC, RTE), 0.0015 (STS-B); epochs run 20-30 (mean 24.0)" in lines
+
+
+def test_setup_states_the_saved_configs_settings_and_which_differ():
+    from reproduce.report import _setup
+
+    def rec(batch_size: int) -> dict:
+        config = f"trainer:\n  precision: null\nmodel:\n  weight_decay: 0.0\ndata:\n  batch_size: {batch_size}\n"
+        return {"status": "done", "method": "lora", "task": "rte", "config": config}
+
+    same = next(line for line in _setup([rec(16), rec(16)]) if line.startswith("- Settings"))
+    assert same == "- Settings from the runs' saved configs: batch_size 16, weight_decay 0.0, precision None."
+    mixed = next(line for line in _setup([rec(16), rec(32)]) if line.startswith("- Settings"))
+    assert "batch_size varies (16, 32)" in mixed
