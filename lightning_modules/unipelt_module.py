@@ -18,12 +18,11 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
-from datamodules.tasks import TaskInfo, get_task
+from datamodules.tasks import get_task
 from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
+from lightning_modules.metrics import make_metric
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values
 
 # Learning rates of a third-party reproduction that says it follows the paper (../shared/paper
@@ -48,20 +47,6 @@ class CheckpointMismatchError(ValueError):
 
 class ModelConfigError(ValueError):
     """A bad `--model.*` value (a path that is not a model, a bad option), told in one line."""
-
-
-def _make_metric(name: str, task: TaskInfo) -> torch.nn.Module:
-    if name == "accuracy":
-        return Accuracy(task="multiclass", num_classes=task.num_labels)
-    if name == "f1":
-        return F1Score(task="binary")
-    if name == "matthews":
-        return MatthewsCorrCoef(task="binary")
-    if name == "pearson":
-        return PearsonCorrCoef()
-    if name == "spearman":
-        return SpearmanCorrCoef()
-    raise ValueError(f"unknown metric {name!r}")
 
 
 def _check_options(**checks: tuple[Any, bool, str]) -> None:
@@ -167,7 +152,7 @@ class UniPELTLightningModule(pl.LightningModule):
         return limit if limit > 0 else 1 << 30
 
     def _metrics(self, prefix: str) -> MetricCollection:
-        return MetricCollection({m: _make_metric(m, self.task_info) for m in self.task_info.metrics}, prefix=prefix)
+        return MetricCollection({m: make_metric(m, self.task_info) for m in self.task_info.metrics}, prefix=prefix)
 
     @property
     def trainable_parameter_names(self) -> set[str]:
