@@ -486,8 +486,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_method_args(path: Path | None) -> dict[str, list[str]]:
     if path is None:
         return {}
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--method-args {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise SystemExit(f"--method-args {path}: expected an object like {{'lora': [args...]}}")
+    bad = [k for k in raw if k.rpartition(":")[2] not in METHODS or (":" in k and k.partition(":")[0] not in TASKS)]
+    if bad:
+        raise SystemExit(
+            f"--method-args {path}: unknown key(s) {', '.join(bad)}; keys are <method> or <task>:<method> "
+            f"(methods: {', '.join(METHODS)}; tasks: {', '.join(TASKS)})"
+        )
     return {k: shlex.split(v) if isinstance(v, str) else [str(a) for a in v] for k, v in raw.items()}
+
+
+def methods_without_args(runs: Sequence[Run], method_args: dict[str, list[str]]) -> list[str]:
+    """Methods of the grid that --method-args gives nothing to: they run with the config's defaults."""
+    if not method_args:
+        return []
+    missing = {r.method for r in runs if r.method not in method_args and f"{r.task}:{r.method}" not in method_args}
+    return [m for m in METHODS if m in missing]
 
 
 def main(argv: Sequence[str]) -> int:
@@ -515,6 +534,13 @@ def main(argv: Sequence[str]) -> int:
     )
     if args.cli:
         opts.cli = shlex.split(args.cli)
+    if missing := methods_without_args(runs, opts.method_args):
+        print(
+            f"[grid] warning: {args.method_args} gives no arguments for {', '.join(missing)}: "
+            "those runs use the config's defaults",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.dry_run:
         changed = {run for run, _, _ in changed_runs(runs, opts)}
         for r in runs:

@@ -340,3 +340,26 @@ def test_real_cli_grid_fails_resumes_and_reports(tmp_path):
         assert rows[(task, method)]["mean"] == pytest.approx(sum(scores) / 2)
         assert rows[(task, method)]["std"] == pytest.approx(abs(scores[0] - scores[1]) / 2**0.5)
     assert rows[("stsb", "lora")]["n_seeds"] == 0 and not rows[("stsb", "lora")]["complete"]
+
+
+def test_method_args_keys_are_checked_and_uncovered_methods_are_named(tmp_path, capsys):
+    from reproduce.grid import main
+
+    base = ["--tasks", "rte,stsb", "--k", "100", "--methods", "lora,adapter", "--seeds", "0",
+            "--out", str(tmp_path / "grid"), "--dry-run", "--method-args"]
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"lroa": ["--model.learning_rate", "1e-3"], "stsb:lora": []}))
+    with pytest.raises(SystemExit, match=r"unknown key\(s\) lroa; keys are <method> or <task>:<method>"):
+        main([*base, str(typo)])
+    with pytest.raises(SystemExit, match="cannot read it as JSON"):
+        main([*base, str(tmp_path / "absent.json")])
+
+    partial = tmp_path / "partial.json"
+    rates = {"lora": ["--model.learning_rate", "1e-3"], "stsb:adapter": "--model.learning_rate 3e-3"}
+    partial.write_text(json.dumps(rates))
+    assert main([*base, str(partial)]) == 0
+    out, err = capsys.readouterr()
+    # adapter has a rate on STS-B only: its RTE run would fall back to the config's default.
+    assert "gives no arguments for adapter: those runs use the config's defaults" in err
+    commands = out.strip().splitlines()
+    assert len(commands) == 4 and sum("--model.learning_rate 3e-3" in c for c in commands) == 1
