@@ -371,17 +371,13 @@ def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
     qlock = threading.Lock()
     stop = threading.Event()
     active: dict[int, subprocess.Popen] = {}
-    workers_left = [n_workers]
-    all_stopped = threading.Event()
+    ended = [threading.Event() for _ in range(n_workers)]  # set by each worker as it returns
 
     def worker(i: int) -> None:
         try:
             work(i)
         finally:
-            with qlock:
-                workers_left[0] -= 1
-                if workers_left[0] == 0:
-                    all_stopped.set()
+            ended[i].set()
 
     def work(i: int) -> None:
         device = opts.devices[i % len(opts.devices)] if opts.devices else None
@@ -421,7 +417,7 @@ def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
     # as finished (bpo-45274's fix), so the grid exited while a worker was still stopping its run
     # and left that run's process behind.
     try:
-        while not all_stopped.is_set():
+        while not all(e.is_set() for e in ended):
             time.sleep(0.1)
     except KeyboardInterrupt:
         result.interrupted = True
@@ -429,7 +425,8 @@ def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
         print("[grid] interrupted: stopping running runs; they restart on the next start", flush=True)
         for p in list(active.values()):
             _kill_group(p)
-        all_stopped.wait()  # a worker whose run was starting kills it itself (see execute)
+        for e in ended:  # a worker whose run was starting kills it itself (see execute)
+            e.wait()
     result.done, result.failed = progress.done, progress.failed
     return result
 

@@ -151,14 +151,6 @@ def test_finished_runs_with_other_arguments_are_refused_or_rerun(fake):
     assert changed_runs(GRID, opts) == []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_interrupted_grid_resumes_without_redoing(fake, tmp_path):
     opts, log = fake
     cmd = [
@@ -191,7 +183,7 @@ def test_interrupted_grid_resumes_without_redoing(fake, tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     # No run outlives the grid that started it (it would go on writing into a folder being resumed).
-    alive = [pid for pid in map(int, pids.read_text().split()) if _alive(pid)]
+    alive = [pid for pid in map(int, pids.read_text().split()) if locks._pid_alive(pid)]
     assert alive == [], f"run processes still alive after the grid exited: {alive}"
     finished = {p.parent for p in opts.out.rglob("metrics.json")}
     assert 2 <= len(finished) < 8
