@@ -8,7 +8,6 @@ from lightning_modules.checkpointing import (
     load_checkpoint_file,
 )
 from lightning_modules.unipelt_module import (
-    DEFAULT_LEARNING_RATES,
     CheckpointMismatchError,
     EpochTimer,
     ModelConfigError,
@@ -16,7 +15,6 @@ from lightning_modules.unipelt_module import (
 )
 
 __all__ = [
-    "DEFAULT_LEARNING_RATES",
     "AtomicCheckpointIO",
     "CheckpointFileError",
     "CheckpointMismatchError",

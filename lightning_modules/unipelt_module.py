@@ -25,21 +25,6 @@ from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastChe
 from lightning_modules.metrics import make_metric
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values
 
-# Learning rates of a third-party reproduction that says it follows the paper (../shared/paper
-# README): defaults to tune, not the paper's word. `learning_rate` overrides them.
-DEFAULT_LEARNING_RATES: dict[str, float] = {
-    "finetune": 2e-5,
-    "bitfit": 1e-4,
-    "adapter": 1e-4,
-    "prefix": 2e-4,
-    "lora": 5e-4,
-    "unipelt_ap": 5e-4,
-    "unipelt_apl": 5e-4,
-    "unipelt_ap_nogate": 5e-4,
-    "unipelt_apl_nogate": 5e-4,
-}
-
-
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not belong to the configured run (method, backbone or task differ)."""
@@ -110,7 +95,7 @@ class UniPELTLightningModule(pl.LightningModule):
         if method not in PRESETS:
             raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
         self.pelt_config = PELTConfig.preset(method, **(pelt_overrides or {}))
-        self.learning_rate = learning_rate if learning_rate is not None else DEFAULT_LEARNING_RATES[method]
+        self.learning_rate = learning_rate if learning_rate is not None else PRESETS[method].learning_rate
         self.model = self._build_model()
         # Checkpoints hold only the trainable tensors; the frozen rest comes from model_name_or_path.
         self.strict_loading = False

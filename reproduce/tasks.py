@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unipelt import PRESETS
+
 
 @dataclass(frozen=True)
 class ReportTask:
@@ -35,18 +37,8 @@ TASKS: dict[str, ReportTask] = {
     )
 }
 
-# Preset name -> the paper's row name, in the paper's row order.
-METHODS: dict[str, str] = {
-    "finetune": "Fine-tuning",
-    "bitfit": "BitFit",
-    "adapter": "Adapter",
-    "prefix": "Prefix-tuning",
-    "lora": "LoRA",
-    "unipelt_ap": "UniPELT (AP)",
-    "unipelt_apl": "UniPELT (APL)",
-    "unipelt_ap_nogate": "UniPELT (AP)-NoGate",
-    "unipelt_apl_nogate": "UniPELT (APL)-NoGate",  # no paper row; the same ablation for APL
-}
+# Preset name -> the paper's row name, in the paper's row order (read from unipelt's one table).
+METHODS: dict[str, str] = {name: preset.label for name, preset in PRESETS.items()}
 PAPER_TO_METHOD = {v: k for k, v in METHODS.items()}
 
 # Table 2: each UniPELT variant against the best of the single methods it combines.

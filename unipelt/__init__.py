@@ -1,12 +1,13 @@
 """UniPELT (Mao et al., ACL 2022) for Hugging Face encoders: gated adapter, prefix, LoRA, BitFit."""
 
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
-from .config import PRESETS, PELTConfig, PELTError
+from .config import PRESETS, PELTConfig, PELTError, Preset
 from .inject import apply_pelt, count_trainable, fold_prefix, gate_values
 
 __all__ = [
     "PELTConfig",
     "PRESETS",
+    "Preset",
     "PELTError",
     "apply_pelt",
     "fold_prefix",

@@ -14,6 +14,21 @@ class PELTError(ValueError):
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
 LORA_TARGETS = ("query", "key", "value")
 
+@dataclass(frozen=True)
+class Preset:
+    """A named method: the submodules it turns on, its display name and default learning rate.
+
+    The single table of methods: the Lightning module's default rates, ``reproduce``'s method
+    list and the report's row names all read it. Default rates are those of a third-party
+    reproduction that says it follows the paper: defaults to tune, not the paper's word.
+    """
+
+    name: str
+    label: str  # the paper's row name
+    learning_rate: float
+    fields: dict[str, Any]
+
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "finetune": {"finetune": True},
     "bitfit": {"bitfit": True},
@@ -31,7 +46,21 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
     "unipelt_apl_nogate": {"adapter": True, "prefix": True, "lora": True},
 }
-PRESETS: tuple[str, ...] = tuple(_PRESETS)
+_LABELS_AND_RATES: dict[str, tuple[str, float]] = {
+    "finetune": ("Fine-tuning", 2e-5),
+    "bitfit": ("BitFit", 1e-4),
+    "adapter": ("Adapter", 1e-4),
+    "prefix": ("Prefix-tuning", 2e-4),
+    "lora": ("LoRA", 5e-4),
+    "unipelt_ap": ("UniPELT (AP)", 5e-4),
+    "unipelt_apl": ("UniPELT (APL)", 5e-4),
+    "unipelt_ap_nogate": ("UniPELT (AP)-NoGate", 5e-4),
+    "unipelt_apl_nogate": ("UniPELT (APL)-NoGate", 5e-4),  # no paper row; the same ablation for APL
+}
+# In the paper's row order; `name in PRESETS` and iteration give the preset names.
+PRESETS: dict[str, Preset] = {
+    name: Preset(name, *_LABELS_AND_RATES[name], fields) for name, fields in _PRESETS.items()
+}
 
 
 @dataclass
