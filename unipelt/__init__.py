@@ -3,6 +3,7 @@
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError, Preset
 from .inject import apply_pelt, count_trainable, fold_prefix, gate_values
+from .io import from_pretrained, push_to_hub, save_pretrained
 
 __all__ = [
     "PELTConfig",
@@ -15,4 +16,7 @@ __all__ = [
     "load_pelt_state_dict",
     "gate_values",
     "count_trainable",
+    "save_pretrained",
+    "from_pretrained",
+    "push_to_hub",
 ]
