@@ -30,8 +30,9 @@ def batch(family: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def backbone_dirs(tmp_path_factory) -> dict[str, Path]:
     """Each tiny family saved as a pretrained folder, so that from_pretrained can load the recorded backbone."""
-    from tests.conftest import TINY
     from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    from tests.conftest import TINY
 
     root = tmp_path_factory.mktemp("backbones")
     dirs = {}

@@ -119,3 +119,17 @@ def test_exact_resume_says_which_private_name_is_gone_instead_of_resuming_wrongl
     trainer = SimpleNamespace(fit_loop=SimpleNamespace())  # a Lightning whose fit loop renamed its loader state
     with pytest.raises(RuntimeError, match=r"_FitLoop\._combined_loader_states_to_load.*pytorch-lightning>=2\.4,<2\.7"):
         ExactResume().on_train_start(trainer, None)
+
+
+def test_an_export_whose_weights_are_a_pickle_is_refused_and_nothing_runs(tmp_path, make_tiny):
+    import unipelt
+    from unipelt import PELTConfig, PELTError, apply_pelt
+    from unipelt.io import WEIGHTS_NAME
+
+    model = apply_pelt(make_tiny("bert"), PELTConfig.preset("lora"))
+    folder = unipelt.save_pretrained(model, tmp_path / "export", base_model_name_or_path="tiny")
+    target = tmp_path / "pwned"
+    write_malicious_checkpoint(folder / WEIGHTS_NAME, target)
+    with pytest.raises(PELTError, match="not a readable safetensors file"):
+        unipelt.from_pretrained(folder, model=make_tiny("bert"))
+    assert not target.exists()
