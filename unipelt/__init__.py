@@ -2,6 +2,7 @@
 
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError, Preset
+from .export import calibrate_gates, merge, to_peft
 from .inject import apply_pelt, count_trainable, fold_prefix, gate_values
 from .io import from_pretrained, push_to_hub, save_pretrained
 
@@ -19,4 +20,7 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "push_to_hub",
+    "merge",
+    "calibrate_gates",
+    "to_peft",
 ]
