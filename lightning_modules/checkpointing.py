@@ -45,6 +45,9 @@ SAFE_CHECKPOINT_TYPES: tuple[type, ...] = (
     pathlib.PureWindowsPath,
     pathlib.WindowsPath,
 )
+# Registered for the whole process, so that Lightning's own loaders (`load_from_checkpoint`, which
+# torch.load with weights_only=True by default) read our checkpoints too.
+torch.serialization.add_safe_globals(list(SAFE_CHECKPOINT_TYPES))
 SUPPORTED_LIGHTNING = ">=2.4,<2.7"  # as in setup.cfg: the private names below are in 2.4.0, 2.5.5 and 2.6.6
 # (owner, attribute): what exact resume uses that is not Lightning's public API.
 LIGHTNING_PRIVATE_API: tuple[tuple[Any, str], ...] = (
@@ -101,8 +104,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
             f"--ckpt_path {str(path)!r}: not a PyTorch checkpoint (truncated, or another kind of file)"
         )
     try:
-        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_TYPES)):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if not re.search(r"GLOBAL|allowlisted|Can only", str(err)):  # e.g. "Unsupported operand": damaged
             raise CheckpointFileError(
