@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -498,9 +499,15 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     baselines = None
     if args.data_dir:
+        from datamodules import DataConfigError
+
         from .baseline import from_glue_dir
 
-        baselines = from_glue_dir(args.data_dir, list(TASKS))
+        try:
+            baselines = from_glue_dir(args.data_dir, list(TASKS))
+        except DataConfigError as err:
+            print(f"error: --data-dir: {err}", file=sys.stderr)
+            return 2
     rep = build(args.root, baselines)
     out = args.out or args.root / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
