@@ -64,7 +64,8 @@ def _paper_avg(setting: str, method: str, tasks: Sequence[str]) -> float | None:
 
 
 def table1_rows(cells: Mapping[Key, Cell], baselines: Baselines | None = None) -> list[dict]:
-    """One row per (K, method, task or Avg), plus the majority baseline per (K, task)."""
+    """One row per (K, method, task or Avg), plus the majority baseline per (K, task); a cell
+    without a score carries ``why``."""
     rows = []
     for k in _ks(cells):
         setting, tasks = paper_setting(k), _tasks(cells, k)
@@ -73,27 +74,25 @@ def table1_rows(cells: Mapping[Key, Cell], baselines: Baselines | None = None) -
             for task in tasks:
                 c = cells.get((k, task, method), Cell())
                 p = paper.score(setting, METHODS[method], TASKS[task].paper_name)
-                rows.append(_row(k, method, task, c.mean, c.std, c.n, len(c.planned), c.complete, p))
+                row = _row(k, method, task, c.mean, c.std, c.n, len(c.planned), c.complete, p)
+                rows.append(row | {"why": None if c.n else c.why_empty()})
                 means.append(c.mean)
             complete = all(cells.get((k, t, method), Cell()).complete for t in tasks)
             n = min(cells.get((k, t, method), Cell()).n for t in tasks)
-            rows.append(
-                _row(
-                    k,
-                    method,
-                    "Avg",
-                    _fmean(means),
-                    None,
-                    n,
-                    None,
-                    complete,
-                    _paper_avg(setting, method, tasks),
-                )
-            )
+            row = _row(k, method, "Avg", _fmean(means), None, n, None, complete, _paper_avg(setting, method, tasks))
+            missing = [TASKS[t].paper_name for t, m in zip(tasks, means, strict=True) if m is None]
+            rows.append(row | {"why": "no score on " + ", ".join(missing) if missing else None})
         if baselines is not None:
             get = baselines if callable(baselines) else baselines.get
             for task in tasks:
-                rows.append(_row(k, "majority", task, get(task), None, None, None, True, None))
+                value = get(task)
+                if value is not None:
+                    why = None
+                elif TASKS[task].info.is_regression:
+                    why = "a constant prediction has no correlation"
+                else:
+                    why = "no GLUE files for this task in --data-dir"
+                rows.append(_row(k, "majority", task, value, None, None, None, True, None) | {"why": why})
     return rows
 
 
@@ -196,14 +195,12 @@ def _params(n: float | None) -> str:
 
 
 def _cell(r: dict) -> str:
-    if r["method"] == "majority":
-        return "n/a" if r["mean"] is None else _f(r["mean"])
+    """``mean ± std *n/N* (paper, diff)``; ± only from two seeds up; an empty cell says why."""
     if r["mean"] is None:
-        ours = "–"
-    elif r["std"] is None:
-        ours = _f(r["mean"])
-    else:
-        ours = f"{_f(r['mean'])} ± {_f(r['std'])}"
+        return f"– ({r['why']})" if r.get("why") else "–"
+    if r["method"] == "majority":
+        return _f(r["mean"])
+    ours = _f(r["mean"]) if r["std"] is None else f"{_f(r['mean'])} ± {_f(r['std'])}"
     if r["n_planned"] is not None and not r["complete"]:
         ours += f" *{r['n_seeds']}/{r['n_planned']}*"
     elif r["task"] == "Avg" and not r["complete"]:
@@ -224,9 +221,9 @@ def to_markdown(rep: Report, title: str = "UniPELT reproduction") -> str:
     out += [
         "## Table 1: GLUE dev (the paper's test set)",
         "",
-        "Cell: ours mean ± std over seeds (paper, ours − paper). *n/N*: only n of N planned seeds "
-        "finished. Avg is over the tasks in the table (the paper's column recomputed on the same "
-        "tasks). Metrics ×100: "
+        "Cell: ours mean ± std over seeds (paper, ours − paper); no ± where one seed finished. *n/N*: "
+        "only n of N planned seeds finished. Avg is over the tasks in the table (the paper's column "
+        "recomputed on the same tasks). Metrics ×100: "
         + ", ".join(f"{t.paper_name} {t.metric_label}" for t in TASKS.values())
         + ".",
         "",
@@ -242,7 +239,15 @@ def to_markdown(rep: Report, title: str = "UniPELT reproduction") -> str:
         header = ["K=" + k if k != "full" else "full data"] + [
             TASKS[c].paper_name if c in TASKS else c for c in cols
         ]
-        body = [[METHODS.get(m, "Majority class")] + [grid[m].get(c, "–") for c in cols] for m in grid]
+        unpublished = {r["method"] for r in rows if r["method"] != "majority"} - {
+            r["method"] for r in rows if r["paper"] is not None
+        }
+        setting = "K=" + k if k != "full" else "full data"
+        body = [
+            [METHODS.get(m, "Majority class") + (f" (not in the paper at {setting})" if m in unpublished else "")]
+            + [grid[m].get(c, "– (not averaged)" if m == "majority" else "–") for c in cols]
+            for m in grid
+        ]
         out += [f"### {'K = ' + k if k != 'full' else 'Full data'}", "", *_md_table(header, body), ""]
     out += _table2_markdown(rep)
     if rep.efficiency:
@@ -270,11 +275,11 @@ def to_markdown(rep: Report, title: str = "UniPELT reproduction") -> str:
                 f"{_params(r['trainable_params'])} ({r['trainable_pct']:.2f}%)",
                 f"{_params(r['paper_trainable_params'])} ({_f(r['paper_trainable_pct'], 2)}%)"
                 if r["paper_trainable_params"]
-                else "–",
-                _pct(r["train_time_pct"]),
-                _pct(r["paper_train_time_pct"]),
-                _pct(r["inference_time_pct"]),
-                _pct(r["paper_inference_time_pct"]),
+                else "– (not in the paper)",
+                _pct(r["train_time_pct"], "no fine-tuning timing on the same task and K"),
+                _pct(r["paper_train_time_pct"], "not in the paper"),
+                _pct(r["inference_time_pct"], "no fine-tuning timing on the same task and K"),
+                _pct(r["paper_inference_time_pct"], "not in the paper"),
                 str(r["runs"]),
             ]
             for r in rep.efficiency
@@ -312,7 +317,7 @@ def _table2_markdown(rep: Report) -> list[str]:
             str(r["n_seeds"]),
             _f(r["gain_mean"], sign=True),
             "–" if r["ci_low"] is None else f"[{_f(r['ci_low'], sign=True)}, {_f(r['ci_high'], sign=True)}]",
-            _f(r["paper_gain"], 2, sign=True),
+            _f(r["paper_gain"], 2, sign=True) if r["paper_gain"] is not None else "– (not in the paper)",
             r["note"] or "",
         ]
         for r in rep.table2
@@ -339,8 +344,8 @@ def _run_name(rec: dict) -> str:
     return f"{task}/{k_tag(k)}/{method}/seed{seed}"
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.0f}%"
+def _pct(x: float | None, why: str) -> str:
+    return f"– ({why})" if x is None else f"{x:.0f}%"
 
 
 def _setup(records: list[dict]) -> list[str]:
@@ -483,9 +488,15 @@ def main(argv: Sequence[str]) -> int:
     if args.gates:
         from .gates import plot_gates
 
-        pngs = plot_gates(rep.records, out.parent)
-        text += "\n## Gates\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
-        print(f"wrote {len(pngs)} gate heatmaps to {out.parent}")
+        try:
+            pngs = plot_gates(rep.records, out.parent)
+        except ImportError:
+            text += "\n## Gates\n\nNot drawn: gate heatmaps need matplotlib (`pip install matplotlib`).\n"
+            print("warning: --gates: no gate heatmaps without matplotlib (pip install matplotlib); "
+                  "the tables are written", file=sys.stderr)
+        else:
+            text += "\n## Gates\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+            print(f"wrote {len(pngs)} gate heatmaps to {out.parent}")
     out.write_text(text)
     paths = write_csvs(rep, out)
     print(f"wrote {out} and {', '.join(map(str, paths))}")

@@ -80,10 +80,18 @@ class Cell:
 
     @property
     def std(self) -> float | None:
-        """Sample standard deviation over seeds (ddof=1); 0 for a single seed."""
-        if not self.scores:
-            return None
-        return statistics.stdev(self.scores.values()) if self.n > 1 else 0.0
+        """Sample standard deviation over seeds (ddof=1); None below two seeds (undefined, not 0)."""
+        return statistics.stdev(self.scores.values()) if self.n > 1 else None
+
+    def why_empty(self) -> str:
+        """Why this cell has no score: never run, every run failed, or runs not finished yet."""
+        if not self.planned:
+            return "not run"
+        if self.failed and self.failed >= self.planned:
+            return f"{len(self.failed)}/{len(self.planned)} runs failed"
+        if self.failed:
+            return f"{len(self.failed)} failed, {len(self.planned - self.failed)} not finished"
+        return f"0/{len(self.planned)} runs finished"
 
 
 def aggregate(records: list[dict], planned: set[tuple[str, str, str, int]] = frozenset()) -> dict[Key, Cell]:

@@ -189,7 +189,7 @@ def test_markdown_has_baseline_row(grid):
     root, _ = grid
     text = to_markdown(build(root, {"rte": 52.7, "mrpc": 81.2, "stsb": None}))
     row = next(line for line in text.splitlines() if line.startswith("| Majority class"))
-    assert "52.7" in row and "81.2" in row and "n/a" in row
+    assert "52.7" in row and "81.2" in row and "– (a constant prediction has no correlation)" in row
 
 
 def test_setup_lists_shared_arguments_once_and_the_rate_each_run_used():
