@@ -2,7 +2,8 @@
 
 Scores are the paper's metric per task (CoLA Matthews, MRPC/QQP F1, STS-B Spearman, MNLI
 matched accuracy, otherwise accuracy) x 100, mean and sample std over finished seeds. A cell is
-complete when every seed any runner planned for it has finished.
+complete when every seed any runner planned for it has finished. Table 2 pairs UniPELT with the best
+single method seed by seed (``reproduce/paired.py``). See docs/reproduction.md.
 """
 
 from __future__ import annotations
