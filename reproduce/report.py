@@ -471,6 +471,9 @@ def main(argv: Sequence[str]) -> int:
         help="Table 2 as gains paired by seed with 95%% intervals (always on; the flag is accepted for clarity)",
     )
     args = p.parse_args(list(argv))
+    if not args.root.is_dir():
+        print(f"error: {args.root} is not a folder; pass a grid folder written by `unipelt reproduce`", file=sys.stderr)
+        return 2
     baselines = None
     if args.data_dir:
         from datamodules import DataConfigError

@@ -109,3 +109,9 @@ def test_grid_writes_records_relative_to_the_folder_it_runs_in(tmp_path):
     assert rec["status"] == "done" and str(tmp_path) not in saved
     assert json.loads(saved)["best_checkpoint"] == "grid/rte/k100/lora/seed0/checkpoints/best.ckpt"
     assert "default_root_dir: grid/rte/k100/lora/seed0" in json.loads(saved)["config"]
+
+
+def test_a_missing_grid_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    assert reproduce.main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope is not a folder" in err and not (tmp_path / "nope").exists()
