@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from scipy.stats import t as student_t
@@ -126,7 +126,9 @@ def _row(k, comp, task, versus, gains: Mapping[int, float], paper_gain, note: st
     }
 
 
-def paired_rows(cells: Mapping[Key, Cell], ks: Sequence[str], tasks_of) -> list[dict]:
+def paired_rows(
+    cells: Mapping[Key, Cell], ks: Sequence[str], tasks_of: Callable[[str], Sequence[str]]
+) -> list[dict]:
     """One row per (K, comparison, task) and one per (K, comparison) average; see the module doc."""
     rows = []
     for k in ks:
