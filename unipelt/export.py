@@ -6,8 +6,9 @@
 * A gate depends on each input, so a gated model cannot be merged exactly. `calibrate_gates(model,
   batches)` measures each gate's mean over a calibration set; `merge(model, gates=...)` fixes every
   gate at its value: LoRA merges with the fixed gate as its scale; adapter and prefix (not linear in
-  any weight) stay as modules with constant gates. An approximation of the gated model: how close it
-  is depends on how much the gates vary between inputs (docs/export.md).
+  any weight) stay as modules, their gates constant (each gate bank's weights zero, its bias the
+  logit of the fixed value: ``sigmoid`` of it is the value for every token). An approximation of
+  the gated model: how close it is depends on how much the gates vary between inputs (docs/export.md).
 * `to_peft(model, path)` writes what PEFT's LoRA can express (``adapter_config.json`` +
   ``adapter_model.safetensors``, the trained head as ``modules_to_save``), loadable with
   ``peft.PeftModel.from_pretrained(base, path)`` without unipelt installed.
@@ -27,10 +28,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import PELTConfig, PELTError
-from .gates import ConstantGate, Gate
+from .gates import GateBank, GateSlot
 from .inject import gate_values
-from .lora import LoRALinear
-from .prefix import IMPL_PREFIX
+from .tuners.lora import FusedLoRALinear, LoRALinear
+from .tuners.prefix import IMPL_PREFIX
+
+MERGED_ATTR = "pelt_merged"  # set on a merge that keeps unipelt modules: not saveable as unipelt's format
+_WRAPPED = ("base", "inner")  # the child a unipelt wrapper keeps the original module in
 
 
 def calibrate_gates(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
@@ -46,8 +50,7 @@ def calibrate_gates(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
             for batch in batches:
                 inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "label", "idx")}
                 model(**inputs)
-                values = gate_values(model)
-                for key, value in values.items():
+                for key, value in gate_values(model).items():
                     sums[key] = sums.get(key, 0.0) + float(value.double().sum())
                 count += next(iter(inputs.values())).shape[0]
     finally:
@@ -65,9 +68,9 @@ def merge(model: nn.Module, gates: Mapping[str, float] | None = None) -> nn.Modu
     fixed gate as scale; adapter and prefix stay, with constant gates (a unipelt model then).
     """
     config = _config_of(model)
-    model_gates = _gates(model)
+    model_gates = _gate_keys(model)
     if gates is None:
-        blocked = [name for name, on in (("adapter", config.adapter), ("prefix", config.prefix)) if on]
+        blocked = [name for name in ("adapter", "prefix") if name in config.submodules]
         if blocked:
             raise PELTError(
                 f"merge: {' and '.join(blocked)} cannot be folded into plain weights (not linear in any weight); "
@@ -78,14 +81,15 @@ def merge(model: nn.Module, gates: Mapping[str, float] | None = None) -> nn.Modu
                 f"merge: the model is gated ({_kinds(model_gates)}): each input scales its submodules differently, "
                 "so no single weight equals it; pass gates=unipelt.calibrate_gates(model, batches) to fix them")
     fixed = _check_gates(model_gates, gates or {})
-    if not (config.adapter or config.prefix):
-        return _plain_model(model, fixed)
     merged = copy.deepcopy(model)
-    for parent, child, lora in _lora_modules(merged):
-        setattr(parent, child, _merged_linear(lora, fixed))
-    for parent, child, gate in _gate_slots(merged):
-        setattr(parent, child, ConstantGate(fixed[gate.key], gate.key))
-    return merged
+    for parent, child, lora in _children_of_type(merged, (LoRALinear, FusedLoRALinear)):
+        setattr(parent, child, _merged_base(lora, fixed))
+    for bank in (m for m in merged.modules() if isinstance(m, GateBank)):
+        _fix_bank(bank, fixed)
+    if "adapter" in config.submodules or "prefix" in config.submodules:
+        setattr(merged, MERGED_ATTR, True)
+        return merged
+    return _plain_model(merged)
 
 
 def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float] | None = None,
@@ -97,13 +101,18 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
     of the gated model, which the folder's README states.
     """
     config = _config_of(model)
-    cannot = [name for name, on in (("fine-tuning", config.finetune), ("BitFit's biases", config.bitfit),
-                                    ("the adapter", config.adapter), ("the prefix", config.prefix)) if on]
-    if cannot or not config.lora:
+    subs = config.submodules
+    cannot = [name for name, on in (("fine-tuning", config.finetune), ("BitFit's biases", "bitfit" in subs),
+                                    ("the adapter", "adapter" in subs), ("the prefix", "prefix" in subs)) if on]
+    if cannot or "lora" not in subs:
         what = ", ".join(cannot) if cannot else "a model without LoRA"
         raise PELTError(f"to_peft: PEFT's LoRA cannot express {what}; only LoRA (with the trained head) exports "
                         "to PEFT (use unipelt.save_pretrained, or merge for a plain model)")
-    model_gates = _gates(model)
+    fused = [name for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)]
+    if fused:
+        raise PELTError(f"to_peft: PEFT's LoRA cannot express LoRA on slices of a fused projection ({fused[0]}); "
+                        "use unipelt.save_pretrained, or merge for a plain model")
+    model_gates = _gate_keys(model)
     if model_gates and gates is None:
         raise PELTError(
             f"to_peft: PEFT's LoRA has a constant scale, this model's LoRA is gated ({_kinds(model_gates)}); "
@@ -112,13 +121,17 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
     prefix = "base_model.model."
     tensors: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
-    for name, lora in _named_lora(model):
-        targets.add(name.rsplit(".", 1)[-1])
-        up = lora.lora_B.weight.detach()
+    for name, lora in model.named_modules():
+        if not isinstance(lora, LoRALinear):
+            continue
+        plain = _plain_path(model, name)  # the projection's name in the backbone without unipelt
+        targets.add(plain.rsplit(".", 1)[-1])
+        down, up = lora.lora_pair(lora.target)
+        b = up.weight.detach()
         if lora.gate is not None:  # PEFT scales by lora_alpha / r: fold gate / (alpha / r) into B
-            up = up * (fixed[lora.gate.key] / lora.scaling)
-        tensors[f"{prefix}{name}.lora_A.weight"] = lora.lora_A.weight.detach()
-        tensors[f"{prefix}{name}.lora_B.weight"] = up
+            b = b * (fixed[_slot_key(lora.gate)] / lora.scaling)
+        tensors[f"{prefix}{plain}.lora_A.weight"] = down.weight.detach()
+        tensors[f"{prefix}{plain}.lora_B.weight"] = b
     head = _head_names(model)
     for module_name in head:
         for name, p in model.get_submodule(module_name).named_parameters():
@@ -163,57 +176,82 @@ def _config_of(model: nn.Module) -> PELTConfig:
     cfg = getattr(model, "pelt_config", None)
     if cfg is None:
         raise PELTError("this model has no PELT config; call apply_pelt(model, config) first")
+    if getattr(model, MERGED_ATTR, False):
+        raise PELTError("this model is already merged; use the model it was merged from")
     return cfg
 
 
-def _gates(model: nn.Module) -> dict[str, Gate]:
-    return {m.key: m for m in model.modules() if isinstance(m, Gate)}
+def _bank_keys(bank: GateBank) -> list[str]:
+    return [f"layer{bank.layer}.{key}" for key in bank.keys]  # as gate_values() names them
 
 
-def _kinds(gates: Mapping[str, Gate]) -> str:
-    return ", ".join(sorted({key.split(".", 1)[-1].split("_")[0] for key in gates})) + " gates"
+def _gate_keys(model: nn.Module) -> list[str]:
+    return [key for m in model.modules() if isinstance(m, GateBank) for key in _bank_keys(m)]
 
 
-def _check_gates(model_gates: Mapping[str, Gate], gates: Mapping[str, float]) -> dict[str, float]:
-    missing = sorted(set(model_gates) - set(gates))
-    unknown = sorted(set(gates) - set(model_gates))
+def _slot_key(slot: GateSlot) -> str:
+    return _bank_keys(slot.bank)[slot.index]
+
+
+def _kinds(keys: Iterable[str]) -> str:
+    return ", ".join(sorted({key.split(".", 1)[-1].split("_")[0] for key in keys})) + " gates"
+
+
+def _check_gates(model_gates: Iterable[str], gates: Mapping[str, float]) -> dict[str, float]:
+    model_gates = set(model_gates)
+    missing = sorted(model_gates - set(gates))
+    unknown = sorted(set(gates) - model_gates)
     if missing or unknown:
         raise PELTError(f"gates must give exactly this model's gates: missing {missing[:3]}"
                         f"{' ...' if len(missing) > 3 else ''}, unknown {unknown[:3]}")
-    bad = {k: v for k, v in gates.items() if not isinstance(v, (int, float)) or not 0 <= float(v) <= 1}
+    bad = {k: v for k, v in gates.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not 0 <= float(v) <= 1}
     if bad:
         key = next(iter(bad))
         raise PELTError(f"gate {key} = {bad[key]!r}: a gate is a number in [0, 1]")
     return {k: float(v) for k, v in gates.items()}
 
 
-def _named_lora(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+def _children_of_type(model: nn.Module, kinds: tuple[type, ...]) -> list[tuple[nn.Module, str, nn.Module]]:
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, kinds)]
 
 
-def _lora_modules(model: nn.Module) -> list[tuple[nn.Module, str, LoRALinear]]:
-    out = []
-    for name, lora in _named_lora(model):
-        parent, _, child = name.rpartition(".")
-        out.append((model.get_submodule(parent), child, lora))
-    return out
-
-
-def _gate_slots(model: nn.Module) -> list[tuple[nn.Module, str, Gate]]:
-    return [(parent, child, m) for parent in model.modules() for child, m in parent.named_children()
-            if isinstance(m, Gate)]
-
-
-def _delta(lora: LoRALinear, fixed: Mapping[str, float]) -> torch.Tensor:
-    scale = fixed[lora.gate.key] if lora.gate is not None else lora.scaling
-    return scale * (lora.lora_B.weight.float() @ lora.lora_A.weight.float())
-
-
-def _merged_linear(lora: LoRALinear, fixed: Mapping[str, float]) -> nn.Linear:
+def _merged_base(lora: LoRALinear | FusedLoRALinear, fixed: Mapping[str, float]) -> nn.Linear:
+    """The wrapped Linear with ``scale * B @ A`` added to each target's rows (scale: alpha/r or the fixed gate)."""
     base = lora.base
+    slots = lora.gates if isinstance(lora, FusedLoRALinear) else {lora.target: lora.gate}
     with torch.no_grad():
-        base.weight.copy_((base.weight.float() + _delta(lora, fixed)).to(base.weight.dtype))
+        weight = base.weight.float()
+        for target in lora.targets:
+            down, up = lora.lora_pair(target)
+            slot = slots[target]
+            scale = lora.scaling if slot is None else fixed[_slot_key(slot)]
+            weight[lora.output_slice(target)] += scale * (up.weight.float() @ down.weight.float())
+        base.weight.copy_(weight.to(base.weight.dtype))
     return base
+
+
+def _fix_bank(bank: GateBank, fixed: Mapping[str, float]) -> None:
+    """Every gate of the bank at its fixed value: zero weights, bias logit(value)."""
+    values = torch.tensor([fixed[k] for k in _bank_keys(bank)], dtype=torch.float64)
+    with torch.no_grad():
+        bank.proj.weight.zero_()
+        bank.proj.bias.copy_(torch.logit(values).to(bank.proj.bias.dtype))
+
+
+def _is_ours(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "unipelt"
+
+
+def _plain_path(model: nn.Module, path: str) -> str:
+    """``path`` without the segments of unipelt's wrappers (``...self.inner.query_proj`` -> ``...self.query_proj``)."""
+    out, module = [], model
+    for segment in path.split(".") if path else []:
+        if not (_is_ours(module) and segment in _WRAPPED):
+            out.append(segment)
+        module = getattr(module, segment)
+    return ".".join(out)
 
 
 def _head_names(model: nn.Module) -> list[str]:
@@ -222,28 +260,26 @@ def _head_names(model: nn.Module) -> list[str]:
             if child is not model.base_model and any(True for _ in child.parameters())]
 
 
-def _plain_model(model: nn.Module, fixed: Mapping[str, float]) -> nn.Module:
-    """The backbone's own class, built from its config, holding the merged weights."""
+def _plain_model(merged: nn.Module) -> nn.Module:
+    """The backbone's own class, built from its config, holding ``merged``'s weights (LoRA already folded)."""
     from transformers.initialization import no_init_weights
 
-    config = copy.deepcopy(model.config)
-    impl = config._attn_implementation or "eager"
-    config._attn_implementation_internal = impl.removeprefix(IMPL_PREFIX)
+    ours = [name for name, m in merged.named_modules() if name and _is_ours(m) and not _wraps(m)]
     state = {}
-    loras = dict(_named_lora(model))
-    for key, value in model.state_dict().items():
-        owner = next((name for name in loras if key.startswith(name + ".")), None)
-        if owner is None:
-            state[key] = value
-            continue
-        rest = key[len(owner) + 1:]
-        if rest == "base.weight":
-            state[f"{owner}.weight"] = (value.float() + _delta(loras[owner], fixed)).to(value.dtype)
-        elif rest.startswith("base."):
-            state[f"{owner}.{rest[5:]}"] = value
-    ref = next(model.parameters())
+    for key, value in merged.state_dict().items():
+        if not any(key.startswith(name + ".") for name in ours):  # gate banks: nothing of the backbone
+            state[_plain_path(merged, key.rsplit(".", 1)[0]) + "." + key.rsplit(".", 1)[1]] = value
+    config = copy.deepcopy(merged.config)
+    config._attn_implementation_internal = (config._attn_implementation or "eager").removeprefix(IMPL_PREFIX)
+    ref = next(merged.parameters())
     with no_init_weights():  # every weight comes from the state dict below (strict)
-        plain = type(model)(config)
+        plain = type(merged)(config)
     plain.to(device=ref.device, dtype=ref.dtype)
     plain.load_state_dict(state, strict=True)
-    return plain.train(model.training)
+    return plain.train(merged.training)
+
+
+def _wraps(module: nn.Module) -> bool:
+    """A unipelt wrapper (explicit attention) keeps the original module as a child: its keys are the backbone's."""
+    return any(isinstance(getattr(module, name, None), nn.Module) and not _is_ours(getattr(module, name))
+               for name in _WRAPPED)

@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError
+from .export import MERGED_ATTR
 from .inject import apply_pelt, count_trainable
 
 CONFIG_NAME = "unipelt_config.json"
@@ -73,9 +74,10 @@ def check_identity(saved: dict[str, Any], model: nn.Module, config: PELTConfig |
     """Raise PELTError in one line naming what differs (method, backbone or labels) between a saved
     identity and ``model`` (or ``model`` about to be built with ``config``)."""
     config = config or _config_of(model)
-    if saved["method"] != config.name or saved["pelt_config"] != config.to_dict():
-        mine = config.to_dict()
-        fields = [f"{k}={v!r} (here: {mine.get(k)!r})" for k, v in saved["pelt_config"].items() if mine.get(k) != v]
+    mine, theirs = config.flat(), PELTConfig.from_dict(saved["pelt_config"]).flat()  # any saved format version
+    if saved["method"] != config.name or mine != theirs:
+        fields = [f"{k}={theirs.get(k)!r} (here: {mine.get(k)!r})" for k in dict.fromkeys([*theirs, *mine])
+                  if theirs.get(k) != mine.get(k)]
         raise PELTError(
             f"method differs: saved with {saved['method']!r} but the model uses {config.name!r}"
             + ("" if saved["method"] != config.name else f" with other hyperparameters: {', '.join(fields)}")
@@ -255,6 +257,9 @@ def _config_of(model: nn.Module) -> PELTConfig:
     cfg = getattr(model, "pelt_config", None)
     if cfg is None:
         raise PELTError("this model has no PELT config; call apply_pelt(model, config) first")
+    if getattr(model, MERGED_ATTR, False):
+        raise PELTError("this model is merged (LoRA folded into the backbone's weights); save the model it was "
+                        "merged from")
     return cfg
 
 
