@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -33,7 +32,7 @@ from lightning_modules import (
     UniPELTLightningModule,
     load_checkpoint_file,
 )
-from unipelt import PELTError, pelt_state_dict
+from unipelt import PELTError, save_pretrained
 
 SUMMARY_FILE = "summary.json"
 
@@ -259,9 +258,16 @@ class UniPELTCLI(LightningCLI):
         timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
         test = {k: float(v) for r in results for k, v in r.items() if not k.endswith("/loss")}
         export = None
-        if model.hparams.method != "finetune":
-            export = log_dir / "pelt_weights.pt"
-            torch.save(pelt_state_dict(model.model), export)
+        if model.hparams.method != "finetune":  # fine-tuning: the checkpoint is the model
+            export = save_pretrained(
+                model.model,
+                Path(trainer.default_root_dir) / "export",
+                base_model_name_or_path=str(model.hparams.model_name_or_path),
+                task=model.task_info.name,
+                k_shot=dm.hparams.k_shot,
+                metrics=test,
+                gates=model.last_test_gates,
+            )
         summary = {
             "task": model.task_info.name,
             "k_shot": dm.hparams.k_shot,

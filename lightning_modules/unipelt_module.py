@@ -7,7 +7,6 @@ frozen backbone (it is rebuilt from `model_name_or_path` when a checkpoint is lo
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from datamodules.tasks import get_task
 from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
 from lightning_modules.metrics import make_metric
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values, spec_for
+from unipelt.io import check_identity, identity
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,12 +38,6 @@ def _check_options(**checks: tuple[Any, bool, str]) -> None:
     for name, (value, ok, rule) in checks.items():
         if not ok:
             raise ModelConfigError(f"--model.{name} {value!r}: must be {rule}")
-
-
-def backbone_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the first input-embedding rows: tells two pretrained encoders of one shape apart."""
-    weight = model.get_input_embeddings().weight.detach()[:16].float().cpu().contiguous()
-    return hashlib.sha1(weight.numpy().tobytes()).hexdigest()[:16]
 
 
 class UniPELTLightningModule(pl.LightningModule):
@@ -261,19 +255,8 @@ class UniPELTLightningModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
-        cfg = self.model.config
-        return {
-            "method": self.hparams.method,
-            "pelt_config": self.pelt_config.to_dict(),
-            "task": self.task_info.name,
-            "backbone": {
-                "model_name_or_path": str(self.hparams.model_name_or_path),
-                "model_type": cfg.model_type,
-                "hidden_size": cfg.hidden_size,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "fingerprint": backbone_fingerprint(self.model),
-            },
-        }
+        """What an export's unipelt_config.json records (method, PELT config, backbone), plus the task."""
+        return {**identity(self.model, str(self.hparams.model_name_or_path)), "task": self.task_info.name}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_parameter_names
@@ -294,24 +277,14 @@ class UniPELTLightningModule(pl.LightningModule):
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
-        ours = self.checkpoint_identity()
-        if saved["method"] != ours["method"] or saved["pelt_config"] != ours["pelt_config"]:
+        try:
+            check_identity(saved, self.model)  # the same check as unipelt.from_pretrained
+        except PELTError as err:
+            raise CheckpointMismatchError(str(err)) from None
+        if saved["task"] != self.task_info.name:
             raise CheckpointMismatchError(
-                f"method differs: the checkpoint was made with {saved['method']!r} "
-                f"but the config uses {ours['method']!r}"
-                + ("" if saved["method"] != ours["method"] else " with other hyperparameters")
-            )
-        sb, ob = saved["backbone"], ours["backbone"]
-        if any(sb[k] != ob[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "fingerprint")):
-            raise CheckpointMismatchError(
-                f"backbone differs: the checkpoint was made on {sb['model_name_or_path']!r} "
-                f"({sb['model_type']}, {sb['num_hidden_layers']} layers, hidden {sb['hidden_size']}) "
-                f"but the config loads {ob['model_name_or_path']!r} "
-                f"({ob['model_type']}, {ob['num_hidden_layers']} layers, hidden {ob['hidden_size']})"
-            )
-        if saved["task"] != ours["task"]:
-            raise CheckpointMismatchError(
-                f"task differs: the checkpoint was trained on {saved['task']!r} but the config uses {ours['task']!r}"
+                f"task differs: the checkpoint was trained on {saved['task']!r} "
+                f"but the config uses {self.task_info.name!r}"
             )
         missing = self.trainable_parameter_names - set(checkpoint.get("state_dict", {}))
         if missing:

@@ -83,7 +83,7 @@ def test_fit_then_test_from_checkpoint_reproduces_metrics(tiny_model, glue_dir, 
     assert len(logged) == 2 and summary["best_val"]["value"] == pytest.approx(max(logged), abs=1e-7)
 
     # The checkpoint holds exactly the trainable tensors and the identity of the run.
-    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
     from lightning_modules import UniPELTLightningModule
 
     module = UniPELTLightningModule(model_name_or_path=str(tiny_model), task=task, method=method)
@@ -95,18 +95,18 @@ def test_fit_then_test_from_checkpoint_reproduces_metrics(tiny_model, glue_dir, 
     again = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/") and "loss" not in k}
     assert again == pytest.approx(summary["test"], abs=0)
 
-    # The exported folded weights load into a fresh model and give the checkpoint's predictions.
-    from unipelt import load_pelt_state_dict
+    # The export folder (safetensors + JSON) rebuilds the model with the checkpoint's predictions.
+    from unipelt import from_pretrained
 
     reference = UniPELTLightningModule.load_from_checkpoint(best).eval()
-    fresh = UniPELTLightningModule(**reference.hparams).eval()
-    load_pelt_state_dict(fresh.model, torch.load(summary["exported_weights"], weights_only=False))
+    assert Path(summary["exported_weights"]) == out / "export"
+    exported = from_pretrained(summary["exported_weights"])  # loads the recorded backbone itself
     ids = torch.randint(5, 60, (3, 11))
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     with torch.no_grad():
         torch.testing.assert_close(
-            fresh(input_ids=ids, attention_mask=mask).logits,
+            exported(input_ids=ids, attention_mask=mask).logits,
             reference(input_ids=ids, attention_mask=mask).logits,
             rtol=0,
             atol=0,
