@@ -42,6 +42,8 @@ def tokenize(ds: Dataset, tokenizer: Any, task: TaskInfo, max_seq_length: int, f
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         encoded = tokenizer(*(batch[f] for f in task.text_fields), truncation=True, max_length=max_seq_length)
+        if "label" not in batch:  # rows to predict: their position instead, to put the outputs back in order
+            return {**encoded, "idx": np.asarray(batch["idx"], dtype=np.int64)}
         return {**encoded, "labels": np.asarray(batch["label"], dtype=label_type)}
 
     # An explicit fingerprint spares datasets from hashing the tokenizer (slow); keep_in_memory

