@@ -208,7 +208,8 @@ class UniPELTCLI(LightningCLI):
             help="Allow `fit` into a default_root_dir that already holds a finished run's summary.json.",
         )
         # One train-loss point per optimizer step: few-shot runs have a handful of steps per epoch.
-        parser.set_defaults({"trainer.log_every_n_steps": 1})
+        # Lightning's model table counts parameters its own way; the summary gives the one figure we use.
+        parser.set_defaults({"trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False})
         if self.ckpt_defaults:
             parser.set_defaults(self.ckpt_defaults)
 
@@ -431,6 +432,12 @@ class UniPELTCLI(LightningCLI):
         }
         write_json_atomic(Path(trainer.default_root_dir) / SUMMARY_FILE, summary)
         print_summary(summary)
+        if summary["gates"]:
+            from lightning_modules.gate_plot import plot_gate_heatmap
+
+            title = f"{summary['task']} K={summary['k_shot'] or 'full'} {summary['method']}: mean gate on the test set"
+            png = plot_gate_heatmap(summary["gates"], Path(trainer.default_root_dir) / "gates.png", title)
+            print(f"gates      : {png}" if png else "gates      : (no heatmap: pip install matplotlib)", flush=True)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -476,8 +483,15 @@ def build_cli(args: list[str] | None, run: bool = True) -> UniPELTCLI:
 def _quiet_libraries() -> None:
     """No advertising and no bars for work that takes milliseconds; warnings a user can act on stay."""
     import logging
+    import warnings
 
     os.environ.setdefault("LITMODELS_DISABLE_TIPS", "1")
+    for message in (
+        ".*tensorboardX.*",  # we attach our own loggers (CSV, TensorBoard when installed)
+        ".*isinstance\\(treespec, LeafSpec\\).*",  # Lightning internals vs torch's pytree
+        ".*callbacks used to create the checkpoint need to be provided.*",  # only fit uses them
+    ):
+        warnings.filterwarnings("ignore", message=message)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_NoTips())
     from transformers.utils import logging as hf_logging

@@ -64,7 +64,16 @@ def load_or_build(path: Path, build: Callable[[], Dataset]) -> Dataset:
     if not (path / "dataset_info.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-        build().save_to_disk(str(tmp))
+        data = build()
+        import datasets
+
+        was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a bar per split for copying a few MB to disk is noise
+        try:
+            data.save_to_disk(str(tmp))
+        finally:
+            if was_enabled:
+                datasets.enable_progress_bars()
         try:
             os.rename(tmp, path)
         except OSError:  # another process published it first

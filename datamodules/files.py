@@ -258,8 +258,8 @@ def label_ids(
         name = _name(v) if not _missing(v) else ""
         if name in ids:
             result.append(ids[name])
-        elif by_index and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(label_names):
-            result.append(v)  # an id (e.g. a hub ClassLabel) rather than a name
+        elif by_index and name.isdigit() and int(name) < len(label_names) and not isinstance(v, bool):
+            result.append(int(name))  # an id into the label names (e.g. a hub ClassLabel's)
         else:
             raise DataConfigError(f"{table.where(i)}: label {v!r} is not one of {list(label_names)} ({option})")
     return result

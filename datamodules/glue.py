@@ -112,11 +112,12 @@ class GLUEDataModule(pl.LightningDataModule):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from datamodules.hub import MODEL_HINT, prepare_for, unreachable
+            from datamodules.hub import MODEL_HINT, prepare_for, resolve_local, unreachable
 
             prepare_for(self.model_name_or_path)
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, use_fast=True)
+                path = resolve_local(self.model_name_or_path)
+                self._tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
             except Exception:
                 hub = unreachable(str(self.model_name_or_path), "--model.model_name_or_path", MODEL_HINT)
                 if hub is not None:

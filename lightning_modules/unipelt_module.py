@@ -24,7 +24,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MetricCollection
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
-from datamodules.hub import MODEL_HINT, prepare_for, unreachable
+from datamodules.hub import MODEL_HINT, prepare_for, resolve_local, unreachable
 from datamodules.tasks import TaskInfo, task_from
 from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
 from lightning_modules.metrics import make_metric
@@ -122,8 +122,9 @@ class UniPELTLightningModule(pl.LightningModule):
         labels = {"id2label": dict(enumerate(task.label_names))} if task.label_names else {}
         prepare_for(path)
         try:
+            local = resolve_local(path)
             config = AutoConfig.from_pretrained(
-                path,
+                local,
                 num_labels=task.num_labels,
                 problem_type="regression" if task.is_regression else "single_label_classification",
                 **labels,
@@ -131,7 +132,7 @@ class UniPELTLightningModule(pl.LightningModule):
             )
             with _quiet_load_report():
                 model, info = AutoModelForSequenceClassification.from_pretrained(
-                    path, config=config, output_loading_info=True
+                    local, config=config, output_loading_info=True
                 )
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             if (hub := unreachable(str(path), "--model.model_name_or_path", MODEL_HINT)) is not None:
@@ -378,13 +379,15 @@ def _quiet_load_report() -> Iterator[None]:
     """transformers' load report says the new head is "newly initialized ... train on a downstream task":
     true and useless here (the head trains, or comes from the checkpoint). Missing backbone weights are
     warned about by the caller instead."""
-    log = logging.getLogger("transformers.modeling_utils")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    logs = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 class EpochTimer(pl.Callback):
