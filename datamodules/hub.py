@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -58,11 +59,20 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     key = f"{host}:{port}"
     if key not in _probed:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            _probed[key] = True
-        except OSError:
-            _probed[key] = False
+        # In a thread: the socket timeout does not bound the DNS lookup, which can hang far longer.
+        result: list[bool] = []
+
+        def probe() -> None:
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                result.append(True)
+            except OSError:
+                result.append(False)
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(timeout + 1.0)
+        _probed[key] = bool(result and result[0])
     return _probed[key]
 
 
