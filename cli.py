@@ -33,7 +33,7 @@ def _top_level_help(argv: list[str]) -> bool:
     return not argv or argv[0] in ("-h", "--help")
 
 
-if __name__ == "__main__" and _top_level_help(sys.argv[1:]):
+if sys.argv and sys.argv[0].rsplit("/", 1)[-1] in ("cli.py", "unipelt") and _top_level_help(sys.argv[1:]):
     print(TOP_HELP, end="")
     sys.exit(0)
 
@@ -63,7 +63,7 @@ from lightning_modules import (  # noqa: E402
     load_checkpoint_file,
 )
 from lightning_modules.predictions import write_predictions  # noqa: E402
-from unipelt import PELTError, pelt_state_dict  # noqa: E402
+from unipelt import PRESETS, PELTError, pelt_state_dict  # noqa: E402
 
 SUMMARY_FILE = "summary.json"
 
@@ -207,6 +207,9 @@ class UniPELTCLI(LightningCLI):
             default=False,
             help="Allow `fit` into a default_root_dir that already holds a finished run's summary.json.",
         )
+        method = next(a for a in parser._actions if a.dest == "model.method")
+        method.help = f"the method, a preset (case-insensitive): {', '.join(PRESETS)}. (default: unipelt_apl)"
+        method.metavar = "{" + ",".join(PRESETS) + "}"
         # One train-loss point per optimizer step: few-shot runs have a handful of steps per epoch.
         # Lightning's model table counts parameters its own way; the summary gives the one figure we use.
         parser.set_defaults({"trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False})

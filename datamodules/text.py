@@ -57,6 +57,16 @@ class TextDataModule(GLUEDataModule):
         labels: the label set in the model's order; unset: the training file's labels, sorted.
         regression: float labels, one output, Pearson/Spearman; unset: yes when the labels are non-whole numbers.
         name: your task's name (run folder, summary); unset: the training file's name.
+        model_name_or_path: the tokenizer's model (linked from --model.model_name_or_path by the CLI).
+        data_dir: a local GLUE folder (RTE/train.tsv, ... or the hub's parquet export); unset: the hub.
+        k_shot: K training examples (the first K after shuffling by `seed`); unset: all of them.
+        seed: the split seed: which K examples and which dev rows are drawn (not the training seed).
+        dev_size: dev rows drawn after the K training rows when there is no validation file.
+        max_seq_length: longest input in tokens (longer ones are truncated).
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation, test and predict.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        cache_dir: where tokenised splits are kept; unset: $UNIPELT_CACHE/glue or ~/.cache/unipelt/glue.
     """
 
     def __init__(

@@ -61,7 +61,9 @@ class UniPELTLightningModule(pl.LightningModule):
         method: a preset of `unipelt.PRESETS` (case-insensitive).
         pelt_overrides: per-hyperparameter overrides of the preset, e.g. ``{"lora_r": 16}``.
         learning_rate: AdamW learning rate; None takes the method's default.
+        weight_decay: AdamW weight decay of the trainable weights (not biases or LayerNorms).
         warmup_ratio: fraction of the training steps with linear warm-up.
+        adam_epsilon: AdamW's epsilon.
         early_stopping_patience: validation rounds without improvement before stopping; None: never.
         checkpoint_every_n_steps: also write `last.ckpt` every this many optimizer steps, so a killed
             run resumes (`--ckpt_path last`) mid-epoch; 0 or None: only after each validation.

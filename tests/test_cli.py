@@ -247,3 +247,27 @@ def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tmp_path):
     assert line.startswith("error: ") and "could not be reached" in line and "--model.model_name_or_path" in line
     assert "bert-base-uncased" in line and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_help_explains_every_model_and_data_option_and_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    options = text[text.index("\noptions:") :]
+    import re
+
+    described = {}
+    for chunk in re.split(r"\n(?=  -)", options):
+        if not (m := re.match(r"  (--(?:model|data)\.\w+)", chunk)):
+            continue
+        first, _, rest = chunk.partition("\n")
+        parts = re.split(r"\s{2,}", first.strip(), maxsplit=1)  # the help may start on the option's line
+        body = " ".join(((parts[1] if len(parts) > 1 else "") + " " + rest).split())
+        described[m.group(1)] = body.split("(type:")[0].strip()
+    assert len(described) >= 25 and "--data.train_file" in described and "--model.method" in described
+    assert not [name for name, body in described.items() if not body], described
+    assert "{finetune,bitfit,adapter,prefix,lora,unipelt_ap" in text  # the methods are listed
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert exc.value.code == 0 and all(f"  {c} " in top for c in ("fit", "predict", "reproduce", "select", "report"))
