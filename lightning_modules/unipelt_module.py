@@ -104,6 +104,7 @@ class UniPELTLightningModule(pl.LightningModule):
         self.hparams.method = method
         if method not in PRESETS:
             raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        _check_overrides_used(method, pelt_overrides or {})
         self.pelt_config = PELTConfig.preset(method, **(pelt_overrides or {}))
         self.learning_rate = learning_rate if learning_rate is not None else PRESETS[method].learning_rate
         self.model = self._build_model()
@@ -374,6 +375,19 @@ class UniPELTLightningModule(pl.LightningModule):
             "backbone_params": self.backbone_params,
             "trainable_pct": 100.0 * trainable / max(1, self.backbone_params),
         }
+
+
+def _check_overrides_used(method: str, overrides: dict[str, Any]) -> None:
+    """`{adapter_bottleneck: 64}` with `lora` would change nothing: an error, never a silent no-op."""
+    config = PELTConfig.preset(method, **{k: v for k, v in overrides.items() if k in ("adapter", "prefix", "lora")})
+    for key in overrides:
+        submodule = key.split("_", 1)[0]
+        if "_" in key and submodule in ("adapter", "prefix", "lora") and not getattr(config, submodule):
+            used = [m for m in ("adapter", "prefix", "lora") if getattr(config, m)]
+            raise ModelConfigError(
+                f"--model.pelt_overrides {key}: method {method!r} has no {submodule}, so it would change nothing "
+                f"(its submodules: {', '.join(used) or 'none'}; add `{submodule}: true` to include one)"
+            )
 
 
 @contextmanager

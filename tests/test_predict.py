@@ -203,3 +203,31 @@ def test_predict_glue_test_set_from_a_checkpoint_into_the_run_folder(tiny_model,
     lines = (run / "predictions" / "RTE.tsv").read_text().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 2  # write_rte's test.tsv has one row
     assert lines[1].split("\t")[1] in ("entailment", "not_entailment")
+
+
+def test_summary_records_the_optimizer_used_and_the_loss_of_every_step(tiny_model, tmp_path):
+    train = tmp_path / "reviews.csv"
+    write_reviews(train, 30)
+    run = tmp_path / "run"
+    build_cli([
+        "fit", "--data.train_file", str(train), "--data.k_shot", "16", "--data.dev_size", "6",
+        "--data.label_field", "sentiment", "--data.batch_size", "4", "--data.cache_dir", str(tmp_path / "cache"),
+        "--model.model_name_or_path", str(tiny_model), "--model.method", "lora", "--trainer.max_epochs", "2",
+        "--optimizer", "SGD", "--optimizer.lr", "0.2", "--trainer.default_root_dir", str(run), *QUIET,
+    ])  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["optimizer"] == "SGD" and summary["learning_rate"] == 0.2  # not the module's AdamW 5e-4
+    assert summary["trainable_pct"] == pytest.approx(100 * summary["trainable_params"] / summary["backbone_params"])
+    rows = list(csv.DictReader((run / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    assert len([r for r in rows if r.get("train/loss_step")]) == summary["global_steps"] == 8
+
+
+def test_an_override_the_method_does_not_use_is_an_error(tiny_model):
+    from lightning_modules import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="adapter_bottleneck.*'lora' has no adapter"):
+        UniPELTLightningModule(str(tiny_model), method="LoRA", pelt_overrides={"adapter_bottleneck": 64})
+    with_adapter = UniPELTLightningModule(str(tiny_model), method="lora",
+                                          pelt_overrides={"adapter": True, "adapter_bottleneck": 8})  # fmt: skip
+    assert with_adapter.pelt_config.adapter and with_adapter.pelt_config.adapter_bottleneck == 8
+    assert with_adapter.hparams.method == "lora"
