@@ -213,8 +213,11 @@ class UniPELTCLI(LightningCLI):
         # One train-loss point per optimizer step: few-shot runs have a handful of steps per epoch.
         # Lightning's model table counts parameters its own way; the summary gives the one figure we use.
         parser.set_defaults({"trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False})
-        if self.ckpt_defaults:
-            parser.set_defaults(self.ckpt_defaults)
+        for key, value in self.ckpt_defaults.items():
+            try:
+                parser.set_defaults({key: value})
+            except (KeyError, TypeError, ValueError):  # a setting this version no longer has: its default stays
+                pass
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

@@ -36,7 +36,9 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tokenize(ds: Dataset, tokenizer: Any, task: TaskInfo, max_seq_length: int, fingerprint: str) -> Dataset:
+def tokenize(
+    ds: Dataset, tokenizer: Any, task: TaskInfo, max_seq_length: int, fingerprint: str, split: str = ""
+) -> Dataset:
     """Batched fast-tokeniser call, unpadded (the collator pads per batch); keeps model inputs + labels."""
     label_type = np.float32 if task.is_regression else np.int64
 
@@ -55,7 +57,7 @@ def tokenize(ds: Dataset, tokenizer: Any, task: TaskInfo, max_seq_length: int, f
         remove_columns=ds.column_names,
         keep_in_memory=True,
         new_fingerprint=fingerprint,
-        desc=f"Tokenising {task.name}",
+        desc=f"Tokenising {task.name} {split}".rstrip(),
     )
 
 

@@ -230,7 +230,8 @@ class GLUEDataModule(pl.LightningDataModule):
                 )
                 path = self.cache_dir / (task.name if task.is_glue else "custom") / f"{label}-{key}"
                 loaded[name] = load_or_build(
-                    path, lambda b=build_raw, k=key: tokenize(b(), tokenizer, task, self.max_seq_length, k)
+                    path,
+                    lambda b=build_raw, k=key, n=name: tokenize(b(), tokenizer, task, self.max_seq_length, k, n),
                 )
         finally:
             self._raw_memo = {}

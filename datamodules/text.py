@@ -266,7 +266,8 @@ class TextDataModule(GLUEDataModule):
         else:
             raw = load_unlabeled_test(self.task_info, name.removeprefix(PREDICT_PREFIX), self.data_dir)
         fingerprint = "predict-" + uuid.uuid4().hex  # in memory only: nothing to find again
-        return tokenize(raw, self.tokenizer, self.task_info, self.max_seq_length, fingerprint)
+        split = self.predict_splits[name]
+        return tokenize(raw, self.tokenizer, self.task_info, self.max_seq_length, fingerprint, f"to predict ({split})")
 
     def predict_table(self) -> Table:
         """The predict file's own columns, to write back beside the predictions."""
