@@ -227,7 +227,8 @@ def test_quickstart_runs_offline(tmp_path):
     assert "gates      :" in proc.stdout
 
 
-def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tmp_path):
+@pytest.mark.parametrize("what", ["model", "dataset"])
+def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tiny_model, tmp_path, what):
     """The hub's address refuses connections and the cache is empty: one line, exit 1 (not an input error),
     and it says which options take local files; nothing is written."""
     env = {
@@ -238,14 +239,19 @@ def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tmp_path):
         "HF_HUB_OFFLINE": "0",
     }
     out = tmp_path / "run"
+    if what == "model":
+        args, option, name = ["--config", "configs/rte_k100.yaml"], "--model.model_name_or_path", "bert-base-uncased"
+    else:
+        args = ["--data.train_file", "someone/reviews", "--model.model_name_or_path", str(tiny_model)]
+        option, name = "--data.train_file", "someone/reviews"
     proc = subprocess.run(
-        [sys.executable, "cli.py", "fit", "--config", "configs/rte_k100.yaml", "--trainer.default_root_dir", str(out)],
+        [sys.executable, "cli.py", "fit", *args, "--trainer.default_root_dir", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     line = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert line.startswith("error: ") and "could not be reached" in line and "--model.model_name_or_path" in line
-    assert "bert-base-uncased" in line and "Traceback" not in proc.stderr
+    assert line.startswith("error: ") and "could not be reached" in line and option in line and name in line
+    assert "Traceback" not in proc.stderr
     assert not out.exists()
 
 
