@@ -496,6 +496,7 @@ def _quiet_libraries() -> None:
         ".*tensorboardX.*",  # we attach our own loggers (CSV, TensorBoard when installed)
         ".*isinstance\\(treespec, LeafSpec\\).*",  # Lightning internals vs torch's pytree
         ".*callbacks used to create the checkpoint need to be provided.*",  # only fit uses them
+        ".*will save all targets and predictions in the buffer.*",  # Spearman on dev/test-sized sets: by design
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
