@@ -9,6 +9,7 @@ load, and anything else fails at once with `HubUnreachableError` saying which lo
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -43,6 +44,13 @@ def resolve_local(name: str | os.PathLike) -> str:
 
 def is_local(name: str | os.PathLike) -> bool:
     return str(name).startswith(PACKAGE_PREFIX) or Path(str(name)).expanduser().exists()
+
+
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """`name` or `owner/name` (optionally `:config`): what the hub could hold. `/data/model`, `./x`,
+    `a/b/c` are local paths, and a missing one is the user's typo, not a network problem."""
+    text = str(name)
+    return not is_local(text) and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?", text) is not None
 
 
 def offline() -> bool:
@@ -92,13 +100,13 @@ def go_offline() -> None:
 
 def prepare_for(name: str | os.PathLike) -> None:
     """Before loading `name` from the hub: go offline at once when the hub cannot be reached."""
-    if not is_local(name) and not offline() and not hub_reachable():
+    if is_hub_id(name) and not offline() and not hub_reachable():
         go_offline()
 
 
 def unreachable(what: str, option: str, local_hint: str) -> HubUnreachableError | None:
     """The one-line error for a hub load that failed while offline; None when online (another cause)."""
-    if not offline():
+    if not offline() or not is_hub_id(what):
         return None
     return HubUnreachableError(
         f"{option} {what!r}: the Hugging Face hub could not be reached and {what!r} is not in the local cache; "
