@@ -37,10 +37,12 @@ class Adapter(nn.Module):
         self.gate = gate  # reads the adapter input, scales the adapter output
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        out = self.up(self.act(self.down(a)))
-        if self.gate is not None:
-            out = out * self.gate(a)[:, None, None]
-        return out
+        z = self.act(self.down(a))
+        if self.gate is None:
+            return self.up(z)
+        # g * (W z + b) with the gate applied to the narrow z: one bottleneck-wide multiply
+        g = self.gate(a)[:, None, None]
+        return nn.functional.linear(z * g, self.up.weight) + g * self.up.bias
 
 
 class AdapterOutput(nn.Module):
@@ -54,9 +56,8 @@ class AdapterOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         dense, dropout, norm = (getattr(self.base, n) for n in self.names)
-        h = dropout(dense(hidden_states))
-        a = norm(h + input_tensor)
-        return norm(h + self.adapter(a) + input_tensor)
+        s = dropout(dense(hidden_states)) + input_tensor
+        return norm(s + self.adapter(norm(s)))
 
 
 class AdapterSublayer(nn.Module):
@@ -70,7 +71,7 @@ class AdapterSublayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base(x)
-        return h + self.adapter(self._norm[0](h + x))
+        return h + self.adapter(self._norm[0](h + x))  # the layer adds x and normalises
 
 
 def _after_layer(layer: nn.Module, args: Any, output: Any) -> Any:

@@ -66,7 +66,12 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.lora_A(self.dropout(x))
         z = z * (self.gate(x)[:, None, None] if self.gate is not None else self.scaling)
-        return self.base(x) + self.lora_B(z)
+        y = self.base(x)
+        if z.shape[:-1] != y.shape[:-1]:  # a batch-shared input (DeBERTa's positions), per-example gates
+            return y + self.lora_B(z)
+        # y + z B^T in one addmm: no separate full-width add
+        return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]),
+                           self.lora_B.weight.t()).view_as(y)
 
 
 class FusedLoRALinear(nn.Module):
