@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbones import LayerOutput, PostLNOutput, PostLNSublayer
 from ..errors import PELTError
-from ..gates import GateSlot
+from ..gates import GateSlot, over_hidden
 from .base import Target, TunerConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -41,7 +41,7 @@ class Adapter(nn.Module):
         if self.gate is None:
             return self.up(z)
         # g * (W z + b) with the gate applied to the narrow z: one bottleneck-wide multiply
-        g = self.gate(a)[:, None, None]
+        g = over_hidden(self.gate(a))
         return nn.functional.linear(z * g, self.up.weight) + g * self.up.bias
 
 

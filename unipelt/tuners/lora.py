@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import PELTError
-from ..gates import GateSlot
+from ..gates import GateSlot, over_hidden
 from .base import Target, TunerConfig
 
 TARGETS = ("query", "key", "value")
@@ -65,7 +65,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.lora_A(self.dropout(x))
-        z = z * (self.gate(x)[:, None, None] if self.gate is not None else self.scaling)
+        z = z * (over_hidden(self.gate(x)) if self.gate is not None else self.scaling)
         y = self.base(x)
         if z.shape[:-1] != y.shape[:-1]:  # a batch-shared input (DeBERTa's positions), per-example gates
             return y + self.lora_B(z)
@@ -117,7 +117,7 @@ class FusedLoRALinear(nn.Module):
         parts = []
         for (t, sl), zt in zip(self.slices.items(), z, strict=True):
             gate = self.gates[t]
-            zt = zt * (gate(x)[:, None, None] if gate is not None else self.scaling)
+            zt = zt * (over_hidden(gate(x)) if gate is not None else self.scaling)
             parts.append((sl, self.lora_B[t](zt)))
         # rebuild y with each target's slice updated (no in-place write into the base output)
         pieces, start = [], 0

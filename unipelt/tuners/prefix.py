@@ -110,6 +110,9 @@ def gated_prefix(module: nn.Module, batch: int, dtype: torch.dtype,
     """This forward's prefix keys and values of ``module``'s layer, (batch, kv_heads, length, head_dim)."""
     key, value = current().prefix[module.pelt_prefix_layer].to(dtype).unbind(0)
     if gate is not None:
+        if gate.dim() != 1:  # a per-position (causal) gate cannot scale keys shared by all queries
+            raise PELTError("a gated prefix needs one gate per example; causal (per-position) "
+                            "prefix gates are not supported")
         g = gate[:, None, None, None]
         return key * g, value * g
     return key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
