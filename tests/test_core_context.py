@@ -124,3 +124,16 @@ def test_causal_reduction_is_a_running_mean_over_real_tokens():
     # the encoder reduction is the last position's running mean
     encoder = context.ForwardContext(0, context.token_weights(mask, per_token, torch.float32), None)
     torch.testing.assert_close(encoder.reduce(per_token)[0], got[0, -1])
+
+
+def test_reentrant_checkpointing_needs_a_folded_prefix():
+    from unipelt import PELTError, fold_prefix
+
+    model = trained("bert")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(PELTError, match="use_reentrant=False.*fold_prefix"):
+        backward(model, "bert")
+    fold_prefix(model)
+    got = backward(model, "bert")
+    model.gradient_checkpointing_disable()
+    assert_same(got, backward(model, "bert"), exact=False)

@@ -113,7 +113,17 @@ class _InContext:
         self.inner = inner
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.inner(partial(_run_in, current(), function), *args, **kwargs)
+        ctx = current()
+        if ctx.prefix is not None and ctx.prefix.grad_fn is not None and _reentrant(self.inner, kwargs):
+            raise PELTError("activation checkpointing with use_reentrant=True runs each layer's "
+                            "backward on its own and cannot reach the prefix MLP that all layers "
+                            "share; use use_reentrant=False (the default) or fold_prefix(model) first")
+        return self.inner(partial(_run_in, ctx, function), *args, **kwargs)
+
+
+def _reentrant(func: Callable[..., Any], kwargs: dict) -> bool:
+    keywords = getattr(func, "keywords", None) or {}
+    return bool(kwargs.get("use_reentrant", keywords.get("use_reentrant", False)))
 
 
 def _run_in(ctx: ForwardContext, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
