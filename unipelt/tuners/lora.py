@@ -69,9 +69,9 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if z.shape[:-1] != y.shape[:-1]:  # a batch-shared input (DeBERTa's positions), per-example gates
             return y + self.lora_B(z)
-        # y + z B^T in one addmm: no separate full-width add
-        return torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]),
-                           self.lora_B.weight.t()).view_as(y)
+        # y += z B^T in place: the base output is not needed for backward, no full-width copy
+        y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.weight.t())
+        return y
 
 
 class FusedLoRALinear(nn.Module):
