@@ -157,3 +157,22 @@ def test_the_documented_new_submodule_is_one_file_and_one_registry_line(monkeypa
         load_pelt_state_dict(fresh, pelt_state_dict(model))
         with torch.no_grad():
             assert torch.equal(fresh.eval()(**inputs).logits, expected)
+
+
+def test_xlm_roberta_shares_roberta_layout():
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = XLMRobertaForSequenceClassification(XLMRobertaConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=70, pad_token_id=1, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=2))
+    model = apply_pelt(model, PELTConfig.preset("unipelt_apl")).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    padded = torch.tensor([[5, 6, 7, 8, 1, 1]])
+    with torch.no_grad():
+        alone = model(input_ids=ids).logits
+        got = model(input_ids=padded, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]])).logits
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-6)
+    assert spec_for(model).max_input_length(model.config) == 70 - 2

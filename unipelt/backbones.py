@@ -85,6 +85,7 @@ class BackboneSpec:
     # else a module replacing the attention module whenever unipelt changes attention
     explicit_attention: Callable[[nn.Module], nn.Module] | None = None
     no_decay: tuple[str, ...] = ("LayerNorm",)  # besides every bias
+    causal: bool = False  # decoders: gates are running means, no position sees a later token
     position_offset: Callable[[Any], int] = _no_offset
 
     def dims(self, config: Any) -> Dims:

@@ -15,8 +15,9 @@ inside a *replay* of its own forward's context (same mask and prefix, fresh gate
 replay must recompute every tensor the first pass saved).
 
 Gate reduction (``reduce``) is the one place that knows how per-token gate values become a
-per-example scale: the mean over real tokens (encoders). A causal variant (a running mean
-over positions, so no position sees a later token) belongs here as a second mode.
+scale: the mean over real tokens, one value per example (encoders), or with ``causal`` the
+running mean over the real tokens up to each position, one value per position, so that no
+position's gate sees a later token (decoders; ``BackboneSpec.causal``).
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ _ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "token_weights", "prefix", "gates", "record", "masks", "previous")
+    __slots__ = ("owner", "token_weights", "prefix", "causal", "gates", "record", "masks", "previous")
 
-    def __init__(self, owner: int, token_weights: torch.Tensor, prefix: torch.Tensor | None) -> None:
+    def __init__(self, owner: int, token_weights: torch.Tensor, prefix: torch.Tensor | None,
+                 causal: bool = False) -> None:
         self.owner = owner  # id() of the base model whose forward this is
-        self.token_weights = token_weights  # (batch, tokens), rows sum to 1 over real tokens
+        # (batch, tokens): rows sum to 1 over real tokens; with ``causal`` the 0/1 mask itself
+        self.token_weights = token_weights
+        self.causal = causal
         self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
         self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values()
@@ -49,12 +53,16 @@ class ForwardContext:
         self.previous: ForwardContext | None = None
 
     def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens."""
-        return torch.einsum("btn,bt->bn", per_token, self.token_weights)
+        """(batch, tokens, n) per-token gates -> (batch, n) mean over real tokens, or with
+        ``causal`` (batch, tokens, n) running means (position t averages real tokens <= t)."""
+        if not self.causal:
+            return torch.einsum("btn,bt->bn", per_token, self.token_weights)
+        mask = self.token_weights[..., None]
+        return (per_token * mask).cumsum(1) / mask.cumsum(1).clamp(min=1)
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
-        ctx = ForwardContext(self.owner, self.token_weights, self.prefix)
+        ctx = ForwardContext(self.owner, self.token_weights, self.prefix, self.causal)
         ctx.record = self.record
         return ctx
 
@@ -83,16 +91,19 @@ def leave(owner: int | None = None) -> ForwardContext | None:
     return ctx
 
 
-def token_weights(mask: torch.Tensor | None, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The attention mask as weights summing to 1 per example (uniform without a mask)."""
+def token_weights(mask: torch.Tensor | None, reference: torch.Tensor, dtype: torch.dtype,
+                  causal: bool = False) -> torch.Tensor:
+    """The attention mask as weights summing to 1 per example (uniform without a mask); with
+    ``causal`` the 0/1 mask itself (``reduce`` normalises its running sums)."""
     batch, tokens = reference.shape[:2]
     if mask is None:
-        return torch.full((batch, tokens), 1.0 / tokens, dtype=dtype, device=reference.device)
+        fill = 1.0 if causal else 1.0 / tokens
+        return torch.full((batch, tokens), fill, dtype=dtype, device=reference.device)
     if mask.dim() != 2:
         raise PELTError(f"unipelt needs a 2D (batch, tokens) attention_mask of 0/1, got shape "
                         f"{tuple(mask.shape)}")
     weights = mask.to(dtype)
-    return weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    return weights if causal else weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 class _InContext:
@@ -102,7 +113,17 @@ class _InContext:
         self.inner = inner
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.inner(partial(_run_in, current(), function), *args, **kwargs)
+        ctx = current()
+        if ctx.prefix is not None and ctx.prefix.grad_fn is not None and _reentrant(self.inner, kwargs):
+            raise PELTError("activation checkpointing with use_reentrant=True runs each layer's "
+                            "backward on its own and cannot reach the prefix MLP that all layers "
+                            "share; use use_reentrant=False (the default) or fold_prefix(model) first")
+        return self.inner(partial(_run_in, ctx, function), *args, **kwargs)
+
+
+def _reentrant(func: Callable[..., Any], kwargs: dict) -> bool:
+    keywords = getattr(func, "keywords", None) or {}
+    return bool(kwargs.get("use_reentrant", keywords.get("use_reentrant", False)))
 
 
 def _run_in(ctx: ForwardContext, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

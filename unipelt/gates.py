@@ -31,7 +31,7 @@ class GateBank(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, hidden) -> (batch, n) gate values."""
+        """(batch, tokens, hidden) -> (batch, n) gate values ((batch, tokens, n) when causal)."""
         return current().reduce(torch.sigmoid(self.proj(x)))
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,11 @@ class GateBank(nn.Module):
         return current().gates[self]
 
 
+def over_hidden(gate: torch.Tensor) -> torch.Tensor:
+    """A gate shaped to scale (batch, tokens, features): (batch,) or causal (batch, tokens)."""
+    return gate.reshape(gate.shape + (1,) * (3 - gate.dim()))
+
+
 class GateSlot:
     """One gate of a bank, held by the submodule it scales (a plain object: the bank itself is
     registered once, in the layer's ``pelt_gates``)."""
@@ -60,11 +65,11 @@ class GateSlot:
         self.index = index
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch,) gate values for the input ``x`` of the bank."""
-        return self.bank.values(x)[:, self.index]
+        """(batch,) gate values for the input ``x`` of the bank ((batch, tokens) when causal)."""
+        return self.bank.values(x)[..., self.index]
 
     def cached(self) -> torch.Tensor:
-        return self.bank.cached()[:, self.index]
+        return self.bank.cached()[..., self.index]
 
 
 class GateRequests:

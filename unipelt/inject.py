@@ -82,11 +82,13 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> None:
     ids = _argument(base, args, kwargs, "input_ids")
     reference = ids if ids is not None else _argument(base, args, kwargs, "inputs_embeds")
     encoder: PrefixEncoder | None = getattr(base, PREFIX_ATTR, None)
+    causal = spec_for(base).causal
     weights = context.token_weights(_argument(base, args, kwargs, "attention_mask"), reference,
-                                    next(base.parameters()).dtype)
+                                    next(base.parameters()).dtype, causal)
     if base.training and torch.is_grad_enabled():
         context.bind_checkpointing(spec_for(base).layer_list(base))
-    context.enter(context.ForwardContext(id(base), weights, encoder() if encoder is not None else None))
+    context.enter(context.ForwardContext(id(base), weights, encoder() if encoder is not None else None,
+                                         causal))
 
 
 def _leave_context(base: nn.Module, args: tuple, output: object) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbones import LayerOutput, PostLNOutput, PostLNSublayer
 from ..errors import PELTError
-from ..gates import GateSlot
+from ..gates import GateSlot, over_hidden
 from .base import Target, TunerConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -37,10 +37,15 @@ class Adapter(nn.Module):
         self.gate = gate  # reads the adapter input, scales the adapter output
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        out = self.up(self.act(self.down(a)))
-        if self.gate is not None:
-            out = out * self.gate(a)[:, None, None]
-        return out
+        """The scaled adapter output ``g * up(act(down(a)))``."""
+        return self.add_to(torch.zeros((), dtype=a.dtype, device=a.device), a)
+
+    def add_to(self, residual: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``residual + g * up(act(down(a)))`` (one fused multiply-add when gated)."""
+        up = self.up(self.act(self.down(a)))
+        if self.gate is None:
+            return residual + up
+        return torch.addcmul(residual, up, over_hidden(self.gate(a)))
 
 
 class AdapterOutput(nn.Module):
@@ -54,9 +59,8 @@ class AdapterOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         dense, dropout, norm = (getattr(self.base, n) for n in self.names)
-        h = dropout(dense(hidden_states))
-        a = norm(h + input_tensor)
-        return norm(h + self.adapter(a) + input_tensor)
+        s = dropout(dense(hidden_states)) + input_tensor
+        return norm(self.adapter.add_to(s, norm(s)))
 
 
 class AdapterSublayer(nn.Module):
@@ -70,14 +74,14 @@ class AdapterSublayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base(x)
-        return h + self.adapter(self._norm[0](h + x))
+        return self.adapter.add_to(h, self._norm[0](h + x))  # the layer adds x and normalises
 
 
 def _after_layer(layer: nn.Module, args: Any, output: Any) -> Any:
     """Forward hook of a pre-norm layer: ``y + adapter(y)`` (a module-level function: deepcopy works)."""
     if isinstance(output, tuple):
-        return (output[0] + layer.adapter(output[0]), *output[1:])
-    return output + layer.adapter(output)
+        return (layer.adapter.add_to(output[0], output[0]), *output[1:])
+    return layer.adapter.add_to(output, output)
 
 
 @dataclass(frozen=True)

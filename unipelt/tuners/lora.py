@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import PELTError
-from ..gates import GateSlot
+from ..gates import GateSlot, over_hidden
 from .base import Target, TunerConfig
 
 TARGETS = ("query", "key", "value")
@@ -65,8 +65,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.lora_A(self.dropout(x))
-        z = z * (self.gate(x)[:, None, None] if self.gate is not None else self.scaling)
-        return self.base(x) + self.lora_B(z)
+        z = z * (over_hidden(self.gate(x)) if self.gate is not None else self.scaling)
+        y = self.base(x)
+        if z.shape[:-1] != y.shape[:-1]:  # a batch-shared input (DeBERTa's positions), per-example gates
+            return y + self.lora_B(z)
+        # y += z B^T in place: the base output is not needed for backward, no full-width copy
+        y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.weight.t())
+        return y
 
 
 class FusedLoRALinear(nn.Module):
@@ -112,7 +117,7 @@ class FusedLoRALinear(nn.Module):
         parts = []
         for (t, sl), zt in zip(self.slices.items(), z, strict=True):
             gate = self.gates[t]
-            zt = zt * (gate(x)[:, None, None] if gate is not None else self.scaling)
+            zt = zt * (over_hidden(gate(x)) if gate is not None else self.scaling)
             parts.append((sl, self.lora_B[t](zt)))
         # rebuild y with each target's slice updated (no in-place write into the base output)
         pieces, start = [], 0

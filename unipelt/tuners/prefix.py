@@ -108,11 +108,14 @@ class PrefixEncoder(nn.Module):
 def gated_prefix(module: nn.Module, batch: int, dtype: torch.dtype,
                  gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """This forward's prefix keys and values of ``module``'s layer, (batch, kv_heads, length, head_dim)."""
-    key, value = current().prefix[module.pelt_prefix_layer].to(dtype).unbind(0)
-    if gate is not None:
-        g = gate[:, None, None, None]
-        return key * g, value * g
-    return key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+    kv = current().prefix[module.pelt_prefix_layer].to(dtype)  # (2, kv_heads, length, head_dim)
+    if gate is None:
+        key, value = kv.unbind(0)
+        return key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+    if gate.dim() != 1:  # a per-position (causal) gate cannot scale keys shared by all queries
+        raise PELTError("a gated prefix needs one gate per example; causal (per-position) "
+                        "prefix gates are not supported")
+    return (kv * gate[:, None, None, None, None]).unbind(1)  # keys and values in one multiply
 
 
 def prefix_for(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
