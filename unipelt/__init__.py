@@ -3,12 +3,14 @@
 from .backbones import BACKBONES, BackboneSpec, spec_for
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError, Preset
+from .heads import HEADS
 from .inject import apply_pelt, count_trainable, fold_prefix, gate_values
 
 __all__ = [
     "PELTConfig",
     "PRESETS",
     "Preset",
+    "HEADS",
     "PELTError",
     "BACKBONES",
     "BackboneSpec",
