@@ -224,3 +224,45 @@ def test_lightning_module_head_option_and_overrides(tmp_path):
     with pytest.raises(ModelConfigError, match="--model.head 'mean'"):
         UniPELTLightningModule(model_name_or_path=path, task="stsb", method="lora", head="mean",
                                pelt_overrides={"head": "cls_mlp"})
+
+
+# ------------------------------------------------------------------ a decoder, through a spec made here
+# (decoder entries live on another branch; this checks the heads need nothing beyond the spec's fields)
+
+def tiny_llama(monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from unipelt.backbones import BACKBONES, BackboneSpec, LayerOutput
+
+    monkeypatch.setitem(BACKBONES, "llama", BackboneSpec(
+        "llama", layers="layers", attention="self_attn",
+        projections={"query": "q_proj", "key": "k_proj", "value": "v_proj"}, adapter=LayerOutput(),
+        no_decay=("norm",), summary_token="last"))
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, num_labels=3))
+
+
+@pytest.mark.parametrize("head", ("pooler", *FRESH))
+def test_decoder_heads_read_real_tokens_only(head, monkeypatch):
+    model = apply_pelt(tiny_llama(monkeypatch), PELTConfig.preset("lora", head=head))
+    train_steps(model, "llama", steps=1)
+    model.eval()
+    alone = batch("llama", [5])
+    padded = batch("llama", [9, 5, 2])
+    padded["input_ids"][1] = torch.cat([alone["input_ids"][0], padded["input_ids"][1, 5:]])
+    with torch.no_grad():
+        ref = model(**alone).logits[0]
+        got = model(**padded).logits[1]
+        hidden = model.base_model(**padded).last_hidden_state
+    assert model(**padded).logits.shape == (3, 3)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if head == "cls_mlp":  # the last real token, not the first (which has seen nothing else)
+        d, out = model.pelt_head.dense, model.pelt_head.out
+        expected = torch.tanh(hidden[1, 4] @ d.weight.T + d.bias) @ out.weight.T + out.bias
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if head != "pooler":
+        assert isinstance(model.score, torch.nn.Identity)
+    with pytest.raises(PELTError, match="allowed heads for llama: pooler, mean, cls_mlp$"):
+        apply_pelt(tiny_llama(monkeypatch), PELTConfig.preset("lora", head="pooler_trainable"))
