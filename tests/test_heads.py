@@ -266,3 +266,19 @@ def test_decoder_heads_read_real_tokens_only(head, monkeypatch):
         assert isinstance(model.score, torch.nn.Identity)
     with pytest.raises(PELTError, match="allowed heads for llama: pooler, mean, cls_mlp$"):
         apply_pelt(tiny_llama(monkeypatch), PELTConfig.preset("lora", head="pooler_trainable"))
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    ("max", "head must be one of pooler, pooler_trainable, mean, cls_mlp; got 'max'"),
+])
+def test_cli_bad_head_is_one_line_exit_2(head, expected, tmp_path, capsys):
+    from cli import main
+    from tests.fixtures import write_stsb, write_tiny_model
+    from tests.test_cli import common_args
+
+    model, glue = write_tiny_model(tmp_path / "tiny-bert"), write_stsb(tmp_path / "glue").parent
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *common_args(model, glue, tmp_path / "run", method="lora", task="stsb"), "--model.head", head])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == f"error: {expected}" and "Traceback" not in err
