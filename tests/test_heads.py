@@ -282,3 +282,36 @@ def test_cli_bad_head_is_one_line_exit_2(head, expected, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1] == f"error: {expected}" and "Traceback" not in err
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_merge_keeps_the_head_and_to_peft_refuses_what_peft_cannot_hold(head, tmp_path):
+    from unipelt import merge, to_peft
+
+    model = pelt("bert", "lora", head=head)
+    train_steps(model, "bert", steps=2)
+    model.eval()
+    inputs = batch("bert", [7, 4, 2], seed=3)
+    merged = merge(model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+    if head == "pooler":
+        to_peft(model, tmp_path / "peft")
+    else:
+        with pytest.raises(PELTError, match=f"cannot express the '{head}' head"):
+            to_peft(model, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("head", ("pooler_trainable", *FRESH))
+def test_save_pretrained_from_pretrained_carry_the_head(head, tmp_path):
+    import unipelt
+
+    model = pelt("bert", "unipelt_apl", head=head)
+    train_steps(model, "bert", steps=2)
+    model.eval()
+    inputs = batch("bert", [7, 4, 2], seed=3)
+    unipelt.save_pretrained(model, tmp_path / "export", base_model_name_or_path="tiny-bert")
+    loaded = unipelt.from_pretrained(tmp_path / "export", model=tiny("bert", attn="sdpa"))
+    assert loaded.pelt_config.head == head
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
