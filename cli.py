@@ -422,6 +422,7 @@ class UniPELTCLI(LightningCLI):
             "task": model.task_info.name,
             "k_shot": dm.hparams.k_shot,
             "method": model.hparams.method,
+            "head": model.pelt_config.head,
             "data_seed": dm.hparams.seed,
             "seed": self.config.fit.seed_everything,
             "model_name_or_path": str(model.hparams.model_name_or_path),

@@ -61,6 +61,8 @@ class UniPELTLightningModule(pl.LightningModule):
         early_stopping_patience: validation rounds without improvement before stopping; None: never.
         checkpoint_every_n_steps: also write `last.ckpt` every this many optimizer steps, so a killed
             run resumes (`--ckpt_path last`) mid-epoch; 0 or None: only after each validation.
+        head: the classification head, one of `unipelt.HEADS` (pooler, pooler_trainable, mean, cls_mlp;
+            docs/method.md#heads); None: `pelt_overrides`' head, else `pooler` (the paper's).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class UniPELTLightningModule(pl.LightningModule):
         adam_epsilon: float = 1e-8,
         early_stopping_patience: int | None = 10,
         checkpoint_every_n_steps: int | None = 500,
+        head: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -99,7 +102,12 @@ class UniPELTLightningModule(pl.LightningModule):
         if method not in PRESETS:
             raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
         _check_overrides_used(method, pelt_overrides or {})
-        self.pelt_config = PELTConfig.preset(method, **(pelt_overrides or {}))
+        overrides = dict(pelt_overrides or {})
+        if head is not None:  # --model.head feeds the PELTConfig like an override
+            _check_options(head=(head, overrides.get("head", head) == head,
+                                 f"the head pelt_overrides gives ({overrides.get('head')!r}), or left unset"))
+            overrides["head"] = head
+        self.pelt_config = PELTConfig.preset(method, **overrides)
         self.learning_rate = learning_rate if learning_rate is not None else PRESETS[method].learning_rate
         self.model = self._build_model()
         # Checkpoints hold only the trainable tensors; the frozen rest comes from model_name_or_path.

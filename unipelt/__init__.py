@@ -4,6 +4,7 @@ from .backbones import BACKBONES, BackboneSpec, spec_for
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError, Preset
 from .export import calibrate_gates, merge, to_peft
+from .heads import HEADS
 from .inject import apply_pelt, count_trainable, fold_prefix, gate_values
 from .io import from_pretrained, push_to_hub, save_pretrained
 
@@ -11,6 +12,7 @@ __all__ = [
     "PELTConfig",
     "PRESETS",
     "Preset",
+    "HEADS",
     "PELTError",
     "BACKBONES",
     "BackboneSpec",

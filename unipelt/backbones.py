@@ -87,6 +87,11 @@ class BackboneSpec:
     no_decay: tuple[str, ...] = ("LayerNorm",)  # besides every bias
     causal: bool = False  # decoders: gates are running means, no position sees a later token
     position_offset: Callable[[Any], int] = _no_offset
+    # heads (unipelt/heads.py): a pooler inside the backbone (frozen for PELT methods; the
+    # ``pooler_trainable`` head trains it) and the token a one-token head reads ("first": [CLS];
+    # "last": the last real token, for causal models)
+    pooler: str | None = None
+    summary_token: str = "first"
 
     def dims(self, config: Any) -> Dims:
         heads = config.num_attention_heads
@@ -217,7 +222,7 @@ _BERT = dict(layers="encoder.layer", attention="attention.self",
              projections={"query": "query", "key": "key", "value": "value"})
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "bert": BackboneSpec("bert", **_BERT),
+    "bert": BackboneSpec("bert", **_BERT, pooler="pooler"),
     "roberta": BackboneSpec("roberta", **_BERT, position_offset=_padding_offset),
     "xlm-roberta": BackboneSpec("xlm-roberta", **_BERT, position_offset=_padding_offset),
     "electra": BackboneSpec("electra", **_BERT),

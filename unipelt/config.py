@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PELTError
+from .heads import HEADS
 from .tuners import TUNERS, TunerConfig
 
 __all__ = ["PELTConfig", "PELTError", "PRESETS", "Preset"]
@@ -73,7 +74,7 @@ PRESETS: dict[str, Preset] = _PresetTable((p.name, p) for p in (
     Preset("unipelt_apl_nogate", "UniPELT (APL)-NoGate", 5e-4, ("adapter", "prefix", "lora")),
 ))
 
-_TOP_FIELDS = ("name", "finetune", "init_std")
+_TOP_FIELDS = ("name", "finetune", "init_std", "head")
 
 
 @dataclass(frozen=True)
@@ -83,13 +84,15 @@ class PELTConfig:
     ``submodules`` maps a registered name (``unipelt.tuners.TUNERS``) to its config; each
     config's ``gate`` says whether a learned gate scales it. Ungated submodules use a
     constant scale: 1 for adapter and prefix, ``lora_alpha / lora_r`` for LoRA (the
-    authors' code). ``finetune`` trains every weight and excludes the others.
+    authors' code). ``finetune`` trains every weight and excludes the others. ``head``: the
+    classification head (``unipelt.heads.HEADS``; ``pooler``, the model's own, is the paper's).
     """
 
     name: str = "custom"
     finetune: bool = False
     submodules: dict[str, TunerConfig] = field(default_factory=dict)
     init_std: float = 0.02
+    head: str = "pooler"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -99,6 +102,8 @@ class PELTConfig:
         if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
                 or self.init_std <= 0:
             raise PELTError(f"init_std must be a positive number, got {self.init_std!r}")
+        if self.head not in HEADS:
+            raise PELTError(f"head must be one of {', '.join(HEADS)}; got {self.head!r}")
         for key, sub in self.submodules.items():
             if key not in TUNERS or not isinstance(sub, TUNERS[key]):
                 raise PELTError(f"submodule {key!r} must be a {TUNERS.get(key, TunerConfig).__name__}; "
@@ -169,17 +174,24 @@ class PELTConfig:
                 continue
             submodules[key] = TUNERS[key](**fields)
         return cls(name=flat.get("name", "custom"), finetune=finetune, submodules=submodules,
-                   init_std=flat.get("init_std", 0.02))
+                   init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable: ``{"name", "finetune", "init_std", "<submodule>": {fields} or null}``."""
+        """JSON-serialisable: ``{"name", "finetune", "init_std", ["head",] "<submodule>": {fields} or null}``.
+
+        ``head`` is written only when it is not the default ``pooler``: configs and checkpoint
+        identities written before heads existed stay equal to today's.
+        """
         d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std}
+        if self.head != "pooler":
+            d["head"] = self.head
         d.update({k: (self.submodules[k].to_dict() if k in self.submodules else None) for k in TUNERS})
         return d
 
     def flat(self) -> dict[str, Any]:
         """The flat form (what ``preset`` overrides and the v1 checkpoints use)."""
-        d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std}
+        d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std,
+                             "head": self.head}
         for key in TUNERS:
             d[key] = key in self.submodules
             if key in self.submodules:
@@ -208,7 +220,7 @@ class PELTConfig:
                 raise PELTError(f"unknown {key} field {bad[0]!r}; allowed: {', '.join(names)}")
             submodules[key] = TUNERS[key](**fields)
         return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False),
-                   submodules=submodules, init_std=d.get("init_std", 0.02))
+                   submodules=submodules, init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"))
 
 
 def _field_names(key: str) -> list[str]:

@@ -86,8 +86,8 @@ def merge(model: nn.Module, gates: Mapping[str, float] | None = None) -> nn.Modu
         setattr(parent, child, _merged_base(lora, fixed))
     for bank in (m for m in merged.modules() if isinstance(m, GateBank)):
         _fix_bank(bank, fixed)
-    if "adapter" in config.submodules or "prefix" in config.submodules:
-        setattr(merged, MERGED_ATTR, True)
+    if "adapter" in config.submodules or "prefix" in config.submodules or config.head in ("mean", "cls_mlp"):
+        setattr(merged, MERGED_ATTR, True)  # unipelt modules stay (a mean/cls_mlp head is one: heads.py)
         return merged
     return _plain_model(merged)
 
@@ -104,6 +104,8 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
     subs = config.submodules
     cannot = [name for name, on in (("fine-tuning", config.finetune), ("BitFit's biases", "bitfit" in subs),
                                     ("the adapter", "adapter" in subs), ("the prefix", "prefix" in subs)) if on]
+    if config.head != "pooler":  # a pelt head, or a trained pooler inside the backbone (not in modules_to_save)
+        cannot.append(f"the {config.head!r} head")
     if cannot or "lora" not in subs:
         what = ", ".join(cannot) if cannot else "a model without LoRA"
         raise PELTError(f"to_peft: PEFT's LoRA cannot express {what}; only LoRA (with the trained head) exports "

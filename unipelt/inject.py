@@ -12,6 +12,7 @@ from .backbones import spec_for
 from .config import PELTConfig
 from .errors import PELTError
 from .gates import GateBank, GateRequests
+from .heads import attach_head
 from .tuners import Target
 from .tuners.prefix import PREFIX_ATTR, PrefixEncoder
 
@@ -24,8 +25,9 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
 
     Every backbone weight is frozen except what the config trains (all of them for
     ``finetune``, biases for ``bitfit``); the head (whatever lies outside
-    ``model.base_model``, e.g. ``classifier``) trains for every method. New modules are
-    created on the backbone's device and dtype.
+    ``model.base_model``, e.g. ``classifier``) trains for every method; ``config.head`` may
+    replace it or train the backbone's pooler (unipelt/heads.py). New modules are created on
+    the backbone's device and dtype.
     """
     if not isinstance(config, PELTConfig):
         raise PELTError(f"config must be a PELTConfig, got {type(config).__name__}")
@@ -56,6 +58,7 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
         for layer in layers:
             parent = layer.get_submodule(parent_path) if parent_path else layer
             setattr(parent, child, spec.explicit_attention(getattr(parent, child)))
+    attach_head(model, spec, config.head, config.init_std)  # after the tuners: it may freeze BitFit's pooler bias
 
     if target.gates.pending or hasattr(base, PREFIX_ATTR):  # anything that reads the context
         signature = list(inspect.signature(base.forward).parameters)

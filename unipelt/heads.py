@@ -1,0 +1,190 @@
+"""The classification head: the model's own, its pooler made trainable, or a fresh pooling head.
+
+``PELTConfig.head`` chooses what turns the last hidden states into logits:
+
+- ``pooler``: the model's own head as transformers builds it (the paper's model and the default).
+  For BERT that is the pretrained pooler (dense + tanh on [CLS]), part of the backbone and so
+  frozen for PELT methods, then a linear classifier; other families' heads (RoBERTa's and
+  ELECTRA's dense head, DistilBERT's ``pre_classifier``, DeBERTa's ``ContextPooler``,
+  ModernBERT's head, decoders' last-token ``score``) lie outside the backbone and train.
+- ``pooler_trainable``: the same, with the backbone's pooler training as part of the head; only
+  where the family has one (``BackboneSpec.pooler``), as elsewhere it would change nothing.
+- ``mean``: masked mean of the last hidden states over real tokens -> dropout -> linear.
+- ``cls_mlp``: dropout -> a fresh dense + tanh on the summary token -> dropout -> linear
+  (AdapterHub's classification head). The summary token is the first one for encoders and
+  the last real one for decoders (``BackboneSpec.summary_token``): in a causal model the first
+  token has seen nothing else.
+
+``mean`` and ``cls_mlp`` replace the model's own head (its parameter-holding modules outside
+the backbone become ``nn.Identity``) by ``model.pelt_head``; hooks on the model feed it the
+backbone's last hidden states and the attention mask and compute the loss as transformers does
+(``ForSequenceClassificationLoss``), so the model is still called and returns as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+from .backbones import BackboneSpec
+from .errors import PELTError
+
+HEADS = ("pooler", "pooler_trainable", "mean", "cls_mlp")
+HEAD_ATTR = "pelt_head"
+
+# One frame per running forward of a model with a pelt head: {"labels", "mask", "hidden"}.
+# Nothing of a batch is stored on a module (nested forwards and two models stay apart).
+_FRAMES: ContextVar[tuple[dict[str, Any], ...]] = ContextVar("unipelt_head_frames", default=())
+
+
+def allowed_heads(model: nn.Module, spec: BackboneSpec) -> tuple[str, ...]:
+    """The heads that can act on this model (``pooler_trainable`` only where it has a pooler)."""
+    return tuple(h for h in HEADS if h != "pooler_trainable" or _pooler(model, spec) is not None)
+
+
+def _pooler(model: nn.Module, spec: BackboneSpec) -> nn.Module | None:
+    if spec.pooler is None:
+        return None
+    try:
+        module = model.base_model.get_submodule(spec.pooler)
+    except AttributeError:  # e.g. BertModel(add_pooling_layer=False)
+        return None
+    return module if any(True for _ in module.parameters()) else None
+
+
+def head_dropout(config: Any) -> float:
+    """The classifier dropout the family's own head uses (first of the usual config names)."""
+    for name in ("classifier_dropout", "seq_classif_dropout", "cls_dropout", "hidden_dropout_prob",
+                 "hidden_dropout", "resid_pdrop"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
+class PoolingHead(nn.Module):
+    """``mean``: masked mean -> dropout -> linear; ``cls_mlp``: dropout -> dense + tanh on the
+    summary token -> dropout -> linear."""
+
+    def __init__(self, kind: str, hidden: int, num_labels: int, dropout: float, summary_token: str) -> None:
+        super().__init__()
+        self.kind, self.summary_token = kind, summary_token
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(hidden, hidden) if kind == "cls_mlp" else None
+        self.out = nn.Linear(hidden, num_labels)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, hidden) -> (batch, hidden), reading real tokens only."""
+        if self.kind == "mean":
+            weights = mask.to(hidden.dtype).unsqueeze(-1)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        if self.summary_token == "first":
+            return hidden[:, 0]
+        last = mask.long().cumsum(-1).argmax(-1)  # the last real token, left or right padding
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(self.pool(hidden, mask))
+        if self.dense is not None:
+            x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out(x)
+
+
+def attach_head(model: nn.Module, spec: BackboneSpec, head: str, init_std: float) -> None:
+    """Install ``head`` on a model apply_pelt has frozen and injected (see module docstring).
+
+    With ``mean`` and ``cls_mlp`` a backbone pooler no longer reaches the logits and is frozen
+    even where the method would train it (fine-tuning, BitFit's biases).
+    """
+    allowed = allowed_heads(model, spec)
+    if head not in allowed:
+        why = (f"the {spec.family} family has no pooler inside the backbone (its own head already trains)"
+               if head == "pooler_trainable" else f"{head!r} is not a head")
+        raise PELTError(f"head {head!r} cannot be used here: {why}; allowed heads for {spec.family}: "
+                        f"{', '.join(allowed)}")
+    if head == "pooler":
+        return
+    if head == "pooler_trainable":
+        for p in _pooler(model, spec).parameters():
+            p.requires_grad_(True)
+        return
+    pooler = _pooler(model, spec)
+    if pooler is not None:  # unused from now on: neither trained (finetune, BitFit) nor counted
+        for p in pooler.parameters():
+            p.requires_grad_(False)
+    base = model.base_model
+    for name, child in list(model.named_children()):
+        if child is not base and any(True for _ in child.parameters()):
+            setattr(model, name, nn.Identity())  # the model's own head: replaced, not kept unused
+    ref = next(base.parameters())
+    module = PoolingHead(head, model.config.hidden_size, model.config.num_labels,
+                         head_dropout(model.config), spec.summary_token)
+    with torch.no_grad():
+        for linear in (module.dense, module.out):
+            if linear is not None:
+                linear.weight.normal_(0.0, init_std)
+                linear.bias.zero_()
+    setattr(model, HEAD_ATTR, module.to(ref.device, ref.dtype))
+    model._pelt_mask_index = _argument_index(model, "attention_mask")
+    model._pelt_labels_index = _argument_index(model, "labels")
+    model.register_forward_pre_hook(_open_frame, with_kwargs=True)
+    base.register_forward_hook(_keep_hidden)
+    model.register_forward_hook(_close_frame, with_kwargs=True, always_call=True)
+
+
+def _argument_index(model: nn.Module, name: str) -> int | None:
+    names = list(inspect.signature(model.forward).parameters)
+    return names.index(name) if name in names else None
+
+
+def _take(args: tuple, kwargs: dict, index: int | None, name: str, pop: bool) -> tuple[Any, tuple]:
+    if name in kwargs:
+        return (kwargs.pop(name) if pop else kwargs[name]), args
+    if index is not None and index < len(args):
+        value = args[index]
+        if pop:
+            args = (*args[:index], None, *args[index + 1:])
+        return value, args
+    return None, args
+
+
+def _open_frame(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Model pre-hook: keep the labels (the model's own head is gone, so it computes no loss)
+    and the attention mask for the pelt head."""
+    labels, args = _take(args, kwargs, model._pelt_labels_index, "labels", pop=True)
+    mask, _ = _take(args, kwargs, model._pelt_mask_index, "attention_mask", pop=False)
+    frame = {"owner": id(model), "base": id(model.base_model), "labels": labels, "mask": mask, "hidden": None}
+    _FRAMES.set((*_FRAMES.get(), frame))
+    return args, kwargs
+
+
+def _keep_hidden(base: nn.Module, args: tuple, output: Any) -> None:
+    frames = _FRAMES.get()
+    if frames and frames[-1]["base"] == id(base) and frames[-1]["hidden"] is None:
+        frames[-1]["hidden"] = output[0]  # last_hidden_state
+
+
+def _close_frame(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Model hook: the pelt head's logits (and loss) replace the output's."""
+    frames = _FRAMES.get()
+    if not frames or frames[-1]["owner"] != id(model):
+        return None
+    frame = frames[-1]
+    _FRAMES.set(frames[:-1])
+    if output is None or frame["hidden"] is None:  # the forward failed
+        return None
+    hidden = frame["hidden"]
+    mask = frame["mask"]
+    if mask is None:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    logits = getattr(model, HEAD_ATTR)(hidden, mask)
+    loss = None if frame["labels"] is None else ForSequenceClassificationLoss(frame["labels"], logits, model.config)
+    if isinstance(output, tuple):
+        return ((loss,) if loss is not None else ()) + (logits,) + tuple(output[1:])
+    fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
+    return type(output)(loss=loss, logits=logits, **fields)
