@@ -125,12 +125,15 @@ def test_identity_mismatches_are_named_in_one_line(backbone_dirs, tmp_path, make
 
 
 def test_the_lightning_checkpoint_stores_the_same_identity(backbone_dirs):
-    """One identity and one check for exports and checkpoints (the module adds only the task)."""
+    """One identity and one check for exports and checkpoints (the module adds the task and its labels)."""
     from lightning_modules import CheckpointMismatchError, UniPELTLightningModule
 
     module = UniPELTLightningModule(model_name_or_path=str(backbone_dirs["bert"]), task="mnli", method="lora")
     ours = module.checkpoint_identity()
-    assert ours == {**identity(module.model, str(backbone_dirs["bert"])), "task": "mnli"}
+    labels = ["entailment", "neutral", "contradiction"]
+    assert ours == {**identity(module.model, str(backbone_dirs["bert"])), "task": "mnli", "labels": labels}
+    with pytest.raises(CheckpointMismatchError, match="labels differ"):
+        module.check_checkpoint({"unipelt": {**ours, "labels": labels[::-1]}, "state_dict": {}})
     other = UniPELTLightningModule(model_name_or_path=str(backbone_dirs["bert"]), task="mnli", method="adapter")
     with pytest.raises(CheckpointMismatchError, match="method differs: saved with 'lora'"):
         other.check_checkpoint({"unipelt": ours, "state_dict": {}})
