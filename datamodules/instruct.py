@@ -266,6 +266,7 @@ class InstructionDataModule(pl.LightningDataModule):
 
     Args:
         model_name_or_path: the backbone whose tokenizer (and chat template) is used.
+        gguf_file: a GGUF file in that folder to read the tokenizer from (``from_pretrained(gguf_file=)``).
         train_file / validation_file / test_file / predict_file: ``.jsonl``, ``.json`` or ``.csv``.
         dataset / dataset_config: a hub dataset (``datasets.load_dataset``) instead of files;
             splits by ``train_split`` / ``validation_split`` / ``test_split`` names.
@@ -281,6 +282,7 @@ class InstructionDataModule(pl.LightningDataModule):
     def __init__(
         self,
         model_name_or_path: str = "Qwen/Qwen2.5-0.5B",
+        gguf_file: str | None = None,
         train_file: str | None = None,
         validation_file: str | None = None,
         test_file: str | None = None,
@@ -335,7 +337,8 @@ class InstructionDataModule(pl.LightningDataModule):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
+            h = self.hparams
+            self._tokenizer = AutoTokenizer.from_pretrained(h.model_name_or_path, gguf_file=h.gguf_file)
         return self._tokenizer
 
     @tokenizer.setter
