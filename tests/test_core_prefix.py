@@ -1,4 +1,4 @@
-"""Prefix attention against a hand-computed reference; folding; parameter counts."""
+"""Prefix attention against hand-computed references; folding; config sharing; parameter counts."""
 
 from __future__ import annotations
 
@@ -20,57 +20,183 @@ from unipelt import (
 )
 
 try:  # works whether or not tests/ is a package
-    from .test_core_model import batch, pelt, train_steps
+    from .test_core_model import batch, pelt, tiny, train_steps
 except ImportError:
-    from test_core_model import batch, pelt, train_steps
+    from test_core_model import batch, pelt, tiny, train_steps
+
+HEADS, HEAD_DIM, LENGTH = 4, 8, 10
+
+
+def capture(module: torch.nn.Module, model: torch.nn.Module, inputs: dict) -> dict:
+    """The module's positional/keyword inputs and its output in one eval forward."""
+    seen = {}
+
+    def pre(m, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+
+    def post(m, args, kwargs, output):
+        seen["out"] = output[0]
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
+               module.register_forward_hook(post, with_kwargs=True)]
+    with torch.no_grad():
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def prefix_kv(model: torch.nn.Module, layer: int, x: torch.Tensor, mask: torch.Tensor, gated: bool):
+    """Layer ``layer``'s prefix keys/values from the MLP, scaled by the hand-computed gate."""
+    enc = model.base_model.pelt_prefix
+    n_layers = model.config.num_hidden_layers
+    kv = enc.mlp(enc.embedding.weight).view(LENGTH, n_layers, 2, HEADS, HEAD_DIM)[:, layer]
+    pk = kv[:, 0].permute(1, 0, 2).expand(x.shape[0], -1, -1, -1)
+    pv = kv[:, 1].permute(1, 0, 2).expand(x.shape[0], -1, -1, -1)
+    if gated:  # mean over real tokens of sigmoid(Wx + b), the prefix row of the layer's bank
+        bank = model.base_model.get_submodule(
+            {"bert": "encoder.layer", "deberta-v2": "encoder.layer", "modernbert": "layers"}[
+                model.config.model_type])[layer].pelt_gates["attention"]
+        row = bank.keys.index("prefix")
+        per_token = torch.sigmoid(x @ bank.proj.weight[row] + bank.proj.bias[row])
+        g = ((per_token * mask).sum(1) / mask.sum(1)).view(-1, 1, 1, 1)
+        pk, pv = pk * g, pv * g
+    return pk, pv
+
+
+def softmax_attention(scores, q_keys_allowed, values):
+    scores = scores.masked_fill(~q_keys_allowed, float("-inf"))
+    return scores.softmax(-1) @ values
 
 
 @pytest.mark.parametrize("preset", ["prefix", "unipelt_ap"])
-def test_prefix_attention_equals_explicit_softmax_reference(make_tiny, preset):
-    model = pelt(make_tiny, "bert", preset).eval()
+def test_prefix_attention_equals_explicit_softmax_reference_bert(preset):
+    model = pelt("bert", preset).eval()
     inputs = batch("bert", [7, 4])
     attention = model.bert.encoder.layer[0].attention.self
-    captured = {}
-
-    def grab_input(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-
-    def grab_output(module, args, kwargs, output):
-        captured["out"] = output[0]
-
-    h1 = attention.register_forward_pre_hook(grab_input, with_kwargs=True)
-    h2 = attention.register_forward_hook(grab_output, with_kwargs=True)
+    seen = capture(attention, model, inputs)
     with torch.no_grad():
-        model(**inputs)
-        x = captured["hidden"]  # (B, T, H): the layer input
+        x = seen["args"][0]  # (B, T, H): the layer input
         batch_size, tokens, _ = x.shape
-        heads, head_dim = 4, 8
 
         def split(t):
-            return t.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+            return t.view(batch_size, -1, HEADS, HEAD_DIM).transpose(1, 2)
 
         q, k, v = (split(getattr(attention, n)(x)) for n in ("query", "key", "value"))
-        enc = model.bert.pelt_prefix
-        kv = enc.mlp(enc.embedding.weight).view(10, 2, 2, heads, head_dim)[:, 0]  # layer 0
-        pk = kv[:, 0].permute(1, 0, 2).expand(batch_size, -1, -1, -1)
-        pv = kv[:, 1].permute(1, 0, 2).expand(batch_size, -1, -1, -1)
         mask = inputs["attention_mask"].float()
-        if preset == "unipelt_ap":  # gate: mean over real tokens of sigmoid(Wx + b)
-            gate = attention.prefix_gate.proj
-            per_token = torch.sigmoid(x @ gate.weight.T + gate.bias).squeeze(-1)
-            g = ((per_token * mask).sum(1) / mask.sum(1)).view(-1, 1, 1, 1)
-            pk, pv = pk * g, pv * g
-        keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-        scores = q @ keys.transpose(-1, -2) / math.sqrt(head_dim)
-        allowed = torch.cat([torch.ones(batch_size, 10), mask], 1).bool()  # prefix always allowed
-        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-        reference = (scores.softmax(-1) @ values).transpose(1, 2).reshape(batch_size, tokens, -1)
-    h1.remove()
-    h2.remove()
-    torch.testing.assert_close(captured["out"], reference, rtol=1e-5, atol=1e-6)
+        pk, pv = prefix_kv(model, 0, x, mask, gated=preset == "unipelt_ap")
+        scores = q @ torch.cat([pk, k], 2).transpose(-1, -2) / math.sqrt(HEAD_DIM)
+        allowed = torch.cat([torch.ones(batch_size, LENGTH), mask], 1).bool()[:, None, None, :]
+        reference = softmax_attention(scores, allowed, torch.cat([pv, v], 2))
+        reference = reference.transpose(1, 2).reshape(batch_size, tokens, -1)
+    torch.testing.assert_close(seen["out"], reference, rtol=1e-5, atol=1e-6)
 
 
-def test_mask_functions_registered_for_our_implementations(make_tiny):
+@pytest.mark.parametrize("preset", ["prefix", "unipelt_ap"])
+def test_prefix_attention_equals_reference_deberta_v2(preset):
+    """Content scores and DeBERTa's own relative-position bias between tokens; prefix columns
+    get content scores only, with DeBERTa's scale sqrt(d * 3)."""
+    model = pelt("deberta-v2", preset).eval()
+    inputs = batch("deberta-v2", [7, 4])
+    wrapper = model.deberta.encoder.layer[1].attention.self
+    inner = wrapper.inner
+    seen = capture(wrapper, model, inputs)
+    with torch.no_grad():
+        x = seen["args"][0]
+        batch_size, tokens, _ = x.shape
+        q, k, v = (inner.transpose_for_scores(getattr(inner, n)(x), HEADS)
+                   for n in ("query_proj", "key_proj", "value_proj"))
+        scale = math.sqrt(HEAD_DIM * 3)
+        scores = torch.bmm(q, k.transpose(-1, -2)) / scale + inner.disentangled_attention_bias(
+            q, k, seen["kwargs"]["relative_pos"], seen["kwargs"]["rel_embeddings"], 3)
+        scores = scores.view(batch_size, HEADS, tokens, tokens)
+        mask = inputs["attention_mask"].float()
+        pk, pv = prefix_kv(model, 1, x, mask, gated=preset == "unipelt_ap")
+        q4 = q.view(batch_size, HEADS, tokens, HEAD_DIM)
+        scores = torch.cat([q4 @ pk.transpose(-1, -2) / scale, scores], -1)
+        allowed = torch.cat([torch.ones(batch_size, LENGTH), mask], 1).bool()[:, None, None, :]
+        values = torch.cat([pv, v.view(batch_size, HEADS, tokens, HEAD_DIM)], 2)
+        reference = softmax_attention(scores, allowed, values)
+        reference = reference.permute(0, 2, 1, 3).reshape(batch_size, tokens, -1)
+    real = inputs["attention_mask"].bool()  # padded query rows differ (DeBERTa masks them whole)
+    torch.testing.assert_close(seen["out"][real], reference[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # 0: global attention, 1: sliding window (2 each side)
+@pytest.mark.parametrize("preset", ["prefix", "unipelt_ap"])
+def test_prefix_attention_equals_reference_modernbert(preset, layer):
+    """Rotary positions on the tokens' queries and keys; prefix keys carry no position."""
+    from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
+
+    model = pelt("modernbert", preset).eval()
+    inputs = batch("modernbert", [9, 4])
+    attention = model.model.layers[layer].attn
+    seen = capture(attention, model, inputs)
+    with torch.no_grad():
+        x = seen["args"][0]  # the attention input: attn_norm(layer input)
+        batch_size, tokens, _ = x.shape
+        qkv = attention.Wqkv(x).view(batch_size, tokens, 3, HEADS, HEAD_DIM)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        cos, sin = seen["kwargs"]["position_embeddings"]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        mask = inputs["attention_mask"].float()
+        pk, pv = prefix_kv(model, layer, x, mask, gated=preset == "unipelt_ap")
+        scores = q @ torch.cat([pk, k], 2).transpose(-1, -2) / math.sqrt(HEAD_DIM)
+        positions = torch.arange(tokens)
+        near = (positions[:, None] - positions[None, :]).abs() <= 2 if layer else \
+            torch.ones(tokens, tokens, dtype=torch.bool)
+        allowed = torch.cat([torch.ones(batch_size, tokens, LENGTH, dtype=torch.bool),
+                             near[None] & mask.bool()[:, None, :]], -1)[:, None]
+        reference = softmax_attention(scores, allowed, torch.cat([pv, v], 2))
+        reference = attention.Wo(reference.transpose(1, 2).reshape(batch_size, tokens, -1))
+    torch.testing.assert_close(seen["out"], reference, rtol=1e-5, atol=1e-6)
+
+
+def test_two_models_from_one_config_both_get_a_prefix():
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, num_labels=2)
+    before = config.to_dict()
+    first = apply_pelt(BertForSequenceClassification(config), PELTConfig.preset("unipelt_apl"))
+    second = apply_pelt(BertForSequenceClassification(config), PELTConfig.preset("prefix"))
+    for model in (first, second):
+        assert model.config._attn_implementation.startswith("unipelt_")
+        with torch.no_grad():
+            model.eval()(**batch("bert", [5, 3]))
+    assert config.to_dict() == before  # the caller's config object is untouched
+    assert not config._attn_implementation.startswith("unipelt_")
+
+
+def test_switching_attention_after_apply_fails_loudly_or_keeps_prefix():
+    model = pelt("bert", "unipelt_ap").eval()
+    inputs = batch("bert", [6, 3])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.set_attn_implementation("eager")
+    with pytest.raises(PELTError, match="drops the prefix.*unipelt_sdpa"):
+        model(**inputs)
+    model.set_attn_implementation("unipelt_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_on_an_unsupported_attention_implementation_is_an_error():
+    model = tiny("bert")
+    model.config._attn_implementation_internal = "flex_attention"  # as from_pretrained would set it
+    with pytest.raises(PELTError, match="sdpa or eager.*flex_attention"):
+        apply_pelt(model, PELTConfig.preset("prefix"))
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v2", "modernbert"])
+def test_backward_in_eval_mode_reaches_the_prefix_mlp(family):
+    model = pelt(family, "prefix")
+    with torch.no_grad():
+        model.eval()(**batch(family, [5, 3]))  # fills the no-grad cache
+    model(**batch(family, [5, 3]), labels=torch.tensor([0, 2])).loss.backward()
+    grads = [p.grad for p in model.base_model.pelt_prefix.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_mask_functions_registered_for_our_implementations():
     """Without these, transformers builds no padding mask and padding is silently attended."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -78,9 +204,9 @@ def test_mask_functions_registered_for_our_implementations(make_tiny):
     assert "unipelt_eager" in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
-def test_folded_equals_unfolded_and_eval_caches(make_tiny, family):
-    model = pelt(make_tiny, family, "unipelt_apl")
+@pytest.mark.parametrize("family", ["bert", "roberta", "deberta-v2", "modernbert"])
+def test_folded_equals_unfolded_and_eval_caches(family):
+    model = pelt(family, "unipelt_apl")
     train_steps(model, family, steps=2)
     inputs = batch(family, [7, 4])
     model.train()  # tiny configs have no dropout: train-mode forward is deterministic
@@ -88,7 +214,7 @@ def test_folded_equals_unfolded_and_eval_caches(make_tiny, family):
         unfolded = model(**inputs).logits
         model.eval()
         cached = model(**inputs).logits
-        assert model.bert.pelt_prefix._cache is not None if family == "bert" else True
+        assert model.base_model.pelt_prefix._cache is not None
     assert torch.equal(cached, unfolded)
     before = count_trainable(model)
     fold_prefix(model)
@@ -101,8 +227,8 @@ def test_folded_equals_unfolded_and_eval_caches(make_tiny, family):
     train_steps(model, family, steps=1)  # a folded prefix keeps training as a plain parameter
 
 
-def test_train_after_eval_trains_mlp_and_cache_follows_weights(make_tiny):
-    model = pelt(make_tiny, "bert", "prefix")
+def test_train_after_eval_trains_mlp_and_cache_follows_weights():
+    model = pelt("bert", "prefix")
     inputs = batch("bert", [6, 3])
     with torch.no_grad():
         first = model.eval()(**inputs).logits
@@ -124,8 +250,8 @@ def test_train_after_eval_trains_mlp_and_cache_follows_weights(make_tiny):
         assert torch.equal(edited, model(**inputs).logits)
 
 
-def test_unfolded_checkpoint_keeps_mlp_and_folded_is_smaller(make_tiny):
-    model = pelt(make_tiny, "bert", "unipelt_apl")
+def test_unfolded_checkpoint_keeps_mlp_and_folded_is_smaller():
+    model = pelt("bert", "unipelt_apl")
     train_steps(model, "bert", steps=1)
     folded, unfolded = pelt_state_dict(model), pelt_state_dict(model, fold=False)
     assert "bert.pelt_prefix.static" in folded["weights"]
@@ -133,15 +259,15 @@ def test_unfolded_checkpoint_keeps_mlp_and_folded_is_smaller(make_tiny):
     assert not model.bert.pelt_prefix.folded  # saving folded does not change the model
     size = lambda s: sum(t.numel() for t in s["weights"].values())  # noqa: E731
     assert size(folded) < size(unfolded)
-    resumed = pelt(make_tiny, "bert", "unipelt_apl", seed=2)
+    resumed = pelt("bert", "unipelt_apl", seed=2)
     load_pelt_state_dict(resumed, unfolded)
     assert not resumed.bert.pelt_prefix.folded
     train_steps(resumed, "bert", steps=1)  # resumes training the MLP
-    folded_model = fold_prefix(pelt(make_tiny, "bert", "unipelt_apl"))
+    folded_model = fold_prefix(pelt("bert", "unipelt_apl"))
     with pytest.raises(PELTError, match="unfolded prefix"):
         load_pelt_state_dict(folded_model, unfolded)
     with pytest.raises(PELTError, match="no prefix"):
-        fold_prefix(pelt(make_tiny, "bert", "lora"))
+        fold_prefix(pelt("bert", "lora"))
 
 
 # ---- parameter counts on bert-base size (meta device: no memory, no download) ----

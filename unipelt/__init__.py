@@ -1,5 +1,6 @@
 """UniPELT (Mao et al., ACL 2022) for Hugging Face encoders: gated adapter, prefix, LoRA, BitFit."""
 
+from .backbones import BACKBONES, BackboneSpec, spec_for
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError, Preset
 from .inject import apply_pelt, count_trainable, fold_prefix, gate_values
@@ -9,6 +10,9 @@ __all__ = [
     "PRESETS",
     "Preset",
     "PELTError",
+    "BACKBONES",
+    "BackboneSpec",
+    "spec_for",
     "apply_pelt",
     "fold_prefix",
     "pelt_state_dict",

@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbones import BackboneSpec, PostLNOutput, spec_for
 from .config import PELTConfig, PELTError
-from .inject import PREFIX_ATTR, _prefix_encoder
+from .gates import GateBank
+from .inject import _prefix_encoder
+from .tuners.prefix import PREFIX_ATTR
 
 BACKBONE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "vocab_size", "num_labels")
@@ -53,8 +56,9 @@ def load_pelt_state_dict(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     if saved.name != cfg.name:
         raise PELTError(
             f"checkpoint was made with method {saved.name!r} but the model uses {cfg.name!r}")
-    diffs = [f"{k}={v!r} (model: {cfg.to_dict()[k]!r})"
-             for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v]
+    mine, theirs = cfg.flat(), saved.flat()
+    diffs = [f"{k}={theirs.get(k)!r} (model: {mine.get(k)!r})"
+             for k in dict.fromkeys([*theirs, *mine]) if theirs.get(k) != mine.get(k)]
     if diffs:
         raise PELTError(f"checkpoint config differs from the model's: {', '.join(diffs)}")
     mine = _backbone(model)
@@ -63,7 +67,7 @@ def load_pelt_state_dict(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     if diffs:
         raise PELTError(f"checkpoint backbone differs from the model's: {', '.join(diffs)}")
 
-    weights = state["weights"]
+    weights = convert_v1_weights(model, state["weights"])
     encoder = _prefix_encoder(model)
     if encoder is not None:
         if _static_name(model) in weights and not encoder.folded:
@@ -85,3 +89,29 @@ def load_pelt_state_dict(model: nn.Module, state: dict[str, Any]) -> nn.Module:
         for name, tensor in weights.items():
             params[name].copy_(tensor)
     return model
+
+
+def convert_v1_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved by unipelt v1 (one ``Linear(hidden, 1)`` per gate, kept in the module it
+    scales) under today's names (one ``GateBank`` per layer and input). Others pass unchanged."""
+    spec = spec_for(model)
+    out = dict(weights)
+    for bank_name, bank in model.named_modules():
+        if not isinstance(bank, GateBank):
+            continue
+        layer_name = bank_name.rsplit(".pelt_gates.", 1)[0]
+        v1 = [f"{layer_name}.{_v1_gate_path(spec, key)}.proj" for key in bank.keys]
+        if all(f"{n}.weight" in out for n in v1):
+            for part in ("weight", "bias"):
+                out[f"{bank_name}.proj.{part}"] = torch.cat([out.pop(f"{n}.{part}") for n in v1])
+    return out
+
+
+def _v1_gate_path(spec: BackboneSpec, key: str) -> str:
+    if key == "adapter" and isinstance(spec.adapter, PostLNOutput):
+        return f"{spec.adapter.block}.adapter.gate"
+    if key == "prefix":
+        return f"{spec.attention}.prefix_gate"
+    if key.startswith("lora_") and key[5:] in spec.projections:
+        return f"{spec.attention}.{spec.projections[key[5:]]}.gate"
+    return f"(no v1 name for {key})"

@@ -1,4 +1,10 @@
-"""PELTConfig: one flat dataclass (every field overridable from a CLI) plus named presets."""
+"""PELTConfig (one config per enabled submodule, plus gating) and PRESETS, the one table of methods.
+
+Flat overrides (``PELTConfig.preset("unipelt_apl", lora_r=16)``, the CLI's
+``--model.pelt_overrides '{lora_r: 16}'``) name ``<submodule>_<field>``; ``<submodule>: true``
+adds a submodule and ``<submodule>_gate`` gates it. A field of a submodule the method does not
+use is an error, not a silently ignored value.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import PELTError
+from .tuners import TUNERS, TunerConfig
 
-class PELTError(ValueError):
-    """A configuration, model or checkpoint that unipelt cannot work with; the message says why."""
+__all__ = ["PELTConfig", "PELTError", "PRESETS", "Preset"]
 
-
-ACTIVATIONS = ("relu", "gelu", "tanh", "silu")
-LORA_TARGETS = ("query", "key", "value")
 
 @dataclass(frozen=True)
 class Preset:
-    """A named method: the submodules it turns on, its display name and default learning rate.
+    """A named method: its submodules, which of them are gated, display name and default rate.
 
     The single table of methods: the Lightning module's default rates, ``reproduce``'s method
     list and the report's row names all read it. Default rates are those of a third-party
@@ -26,132 +30,197 @@ class Preset:
     name: str
     label: str  # the paper's row name
     learning_rate: float
-    fields: dict[str, Any]
+    submodules: tuple[str, ...] = ()
+    gates: tuple[str, ...] = ()
+    finetune: bool = False
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The preset as flat config fields (``{"adapter": True, "adapter_gate": True}``)."""
+        if self.finetune:
+            return {"finetune": True}
+        flat: dict[str, Any] = {s: True for s in self.submodules}
+        flat.update({f"{g}_gate": True for g in self.gates})
+        return flat
 
 
-_PRESETS: dict[str, dict[str, Any]] = {
-    "finetune": {"finetune": True},
-    "bitfit": {"bitfit": True},
-    # Single-method baselines are ungated, as in the paper.
-    "adapter": {"adapter": True},
-    "prefix": {"prefix": True},
-    "lora": {"lora": True},
-    "unipelt_ap": {"adapter": True, "adapter_gate": True, "prefix": True, "prefix_gate": True},
-    # The paper's full-data ablation: every gate fixed (see README: what NoGate means).
-    "unipelt_ap_nogate": {"adapter": True, "prefix": True},
-    "unipelt_apl": {
-        "adapter": True, "adapter_gate": True,
-        "prefix": True, "prefix_gate": True,
-        "lora": True, "lora_gate": True,
-    },
-    "unipelt_apl_nogate": {"adapter": True, "prefix": True, "lora": True},
-}
-_LABELS_AND_RATES: dict[str, tuple[str, float]] = {
-    "finetune": ("Fine-tuning", 2e-5),
-    "bitfit": ("BitFit", 1e-4),
-    "adapter": ("Adapter", 1e-4),
-    "prefix": ("Prefix-tuning", 2e-4),
-    "lora": ("LoRA", 5e-4),
-    "unipelt_ap": ("UniPELT (AP)", 5e-4),
-    "unipelt_apl": ("UniPELT (APL)", 5e-4),
-    "unipelt_ap_nogate": ("UniPELT (AP)-NoGate", 5e-4),
-    "unipelt_apl_nogate": ("UniPELT (APL)-NoGate", 5e-4),  # no paper row; the same ablation for APL
-}
-# In the paper's row order; `name in PRESETS` and iteration give the preset names.
-PRESETS: dict[str, Preset] = {
-    name: Preset(name, *_LABELS_AND_RATES[name], fields) for name, fields in _PRESETS.items()
-}
+class _PresetTable(dict):
+    """``PRESETS``: a dict whose lookups ignore case (``"UniPELT_APL"`` is ``"unipelt_apl"``)."""
+
+    def __getitem__(self, name: str) -> Preset:
+        return super().__getitem__(name.lower() if isinstance(name, str) else name)
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name.lower() if isinstance(name, str) else name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
 
 
-@dataclass
+# In the paper's row order; single-method baselines are ungated, as in the paper.
+PRESETS: dict[str, Preset] = _PresetTable((p.name, p) for p in (
+    Preset("finetune", "Fine-tuning", 2e-5, finetune=True),
+    Preset("bitfit", "BitFit", 1e-4, ("bitfit",)),
+    Preset("adapter", "Adapter", 1e-4, ("adapter",)),
+    Preset("prefix", "Prefix-tuning", 2e-4, ("prefix",)),
+    Preset("lora", "LoRA", 5e-4, ("lora",)),
+    Preset("unipelt_ap", "UniPELT (AP)", 5e-4, ("adapter", "prefix"), ("adapter", "prefix")),
+    # The paper's full-data ablation: every gate fixed (docs/method.md: what NoGate means).
+    Preset("unipelt_ap_nogate", "UniPELT (AP)-NoGate", 5e-4, ("adapter", "prefix")),
+    Preset("unipelt_apl", "UniPELT (APL)", 5e-4, ("adapter", "prefix", "lora"),
+           ("adapter", "prefix", "lora")),
+    # No paper row; the same ablation for APL.
+    Preset("unipelt_apl_nogate", "UniPELT (APL)-NoGate", 5e-4, ("adapter", "prefix", "lora")),
+))
+
+_TOP_FIELDS = ("name", "finetune", "init_std")
+
+
+@dataclass(frozen=True)
 class PELTConfig:
-    """Which submodules to inject and their hyperparameters (defaults: the paper's).
+    """Which submodules to inject, each with its own config (``None``: not used).
 
-    A gate flag only matters when its submodule is on. Ungated submodules use a constant
-    scale: 1 for adapter and prefix, ``lora_alpha / lora_r`` for LoRA (the authors' code).
+    ``submodules`` maps a registered name (``unipelt.tuners.TUNERS``) to its config; each
+    config's ``gate`` says whether a learned gate scales it. Ungated submodules use a
+    constant scale: 1 for adapter and prefix, ``lora_alpha / lora_r`` for LoRA (the
+    authors' code). ``finetune`` trains every weight and excludes the others.
     """
 
     name: str = "custom"
     finetune: bool = False
-    bitfit: bool = False
-    adapter: bool = False
-    adapter_bottleneck: int = 48
-    adapter_activation: str = "relu"
-    adapter_gate: bool = False
-    prefix: bool = False
-    prefix_length: int = 10
-    prefix_mid_dim: int = 512
-    prefix_gate: bool = False
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_targets: tuple[str, ...] = field(default=("query", "value"))
-    lora_dropout: float = 0.0
-    lora_gate: bool = False
+    submodules: dict[str, TunerConfig] = field(default_factory=dict)
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        self.lora_targets = tuple(self.lora_targets)
-        self._validate()
-
-    def _validate(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "bool" and not isinstance(value, bool):
-                raise PELTError(f"{f.name} must be true or false, got {value!r}")
-        for key in ("adapter_bottleneck", "prefix_length", "prefix_mid_dim", "lora_r"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PELTError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("lora_alpha", "init_std"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise PELTError(f"{key} must be a positive number, got {value!r}")
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
-                or not 0 <= self.lora_dropout < 1:
-            raise PELTError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.adapter_activation not in ACTIVATIONS:
-            raise PELTError(
-                f"adapter_activation {self.adapter_activation!r} is not one of: {', '.join(ACTIVATIONS)}")
-        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
-        if bad or not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
-            raise PELTError(f"lora_targets {list(self.lora_targets)} must be distinct names from: "
-                            f"{', '.join(LORA_TARGETS)}")
-        if self.finetune and (self.bitfit or self.adapter or self.prefix or self.lora):
-            raise PELTError("finetune trains every weight and cannot be combined with "
-                            "bitfit/adapter/prefix/lora")
         if not isinstance(self.name, str) or not self.name:
             raise PELTError(f"name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.finetune, bool):
+            raise PELTError(f"finetune must be true or false, got {self.finetune!r}")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
+                or self.init_std <= 0:
+            raise PELTError(f"init_std must be a positive number, got {self.init_std!r}")
+        for key, sub in self.submodules.items():
+            if key not in TUNERS or not isinstance(sub, TUNERS[key]):
+                raise PELTError(f"submodule {key!r} must be a {TUNERS.get(key, TunerConfig).__name__}; "
+                                f"registered submodules: {', '.join(TUNERS)}")
+        if self.finetune and self.submodules:
+            raise PELTError(f"finetune trains every weight and cannot be combined with "
+                            f"{'/'.join(self.submodules)}")
+        # in registry order, whatever order they were given in
+        object.__setattr__(self, "submodules",
+                           {k: self.submodules[k] for k in TUNERS if k in self.submodules})
 
+    def __getattr__(self, name: str) -> Any:
+        """Flat read access: ``cfg.lora_r``, ``cfg.adapter_gate``; ``cfg.adapter`` is the sub-config or None."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        subs = self.__dict__.get("submodules", {})
+        if name in TUNERS:
+            return subs.get(name)
+        key, field_name = _split_flat(name)
+        if key is not None:
+            if key not in subs:
+                raise AttributeError(f"{name}: this config has no {key}")
+            return getattr(subs[key], field_name)
+        raise AttributeError(name)
+
+    @property
+    def gated(self) -> bool:
+        return any(s.gate for s in self.submodules.values())
+
+    # ------------------------------------------------------------------ presets, flat form
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> PELTConfig:
-        """A named preset with any field overridden, e.g. ``preset("unipelt_apl", lora_r=16)``."""
-        if name not in _PRESETS:
+        """A named preset (any case) with flat overrides, e.g. ``preset("unipelt_apl", lora_r=16)``."""
+        if not isinstance(name, str) or name not in PRESETS:
             raise PELTError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        _check_fields(overrides)
-        return cls(**{"name": name, **_PRESETS[name], **overrides})
+        preset = PRESETS[name]
+        return cls.from_flat({"name": preset.name, **preset.fields}, overrides,
+                             origin=f"preset {preset.name!r}")
+
+    @classmethod
+    def from_flat(cls, base: dict[str, Any], overrides: dict[str, Any] | None = None,
+                  origin: str = "this config") -> PELTConfig:
+        """Build from flat fields (the v1 format): ``{"adapter": True, "adapter_bottleneck": 48, ...}``."""
+        flat = {**base, **(overrides or {})}
+        allowed = list(_TOP_FIELDS) + [f for t in TUNERS for f in _flat_names(t)]
+        unknown = [k for k in flat if k not in allowed]
+        if unknown:
+            raise PELTError(f"unknown PELTConfig field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        on = {}
+        for key in TUNERS:
+            value = flat.get(key, False)
+            if not isinstance(value, bool):
+                raise PELTError(f"{key} must be true or false, got {value!r}")
+            on[key] = value
+        finetune = flat.get("finetune", False)
+        if finetune is True and any(on.values()):
+            raise PELTError(f"finetune trains every weight and cannot be combined with "
+                            f"{'/'.join(k for k, v in on.items() if v)}")
+        submodules = {}
+        for key, enabled in on.items():
+            fields = {f: flat[f"{key}_{f}"] for f in _field_names(key) if f"{key}_{f}" in flat}
+            if not enabled:
+                unused = [f"{key}_{f}" for f in fields if f"{key}_{f}" in (overrides or {})]
+                if unused:
+                    used = [k for k, v in on.items() if v] or (["finetune"] if finetune else ["none"])
+                    raise PELTError(f"{unused[0]} does not apply: {origin} has no {key} "
+                                    f"(its submodules: {', '.join(used)}); add {key}: true to use one")
+                continue
+            submodules[key] = TUNERS[key](**fields)
+        return cls(name=flat.get("name", "custom"), finetune=finetune, submodules=submodules,
+                   init_std=flat.get("init_std", 0.02))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
+        """JSON-serialisable: ``{"name", "finetune", "init_std", "<submodule>": {fields} or null}``."""
+        d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std}
+        d.update({k: (self.submodules[k].to_dict() if k in self.submodules else None) for k in TUNERS})
+        return d
+
+    def flat(self) -> dict[str, Any]:
+        """The flat form (what ``preset`` overrides and the v1 checkpoints use)."""
+        d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std}
+        for key in TUNERS:
+            d[key] = key in self.submodules
+            if key in self.submodules:
+                d.update({f"{key}_{f}": v for f, v in self.submodules[key].to_dict().items()})
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PELTConfig:
-        _check_fields(d)
-        return cls(**d)
+        """Inverse of ``to_dict``; also reads the flat v1 form."""
+        if not isinstance(d, dict):
+            raise PELTError(f"a PELT config must be a mapping, got {type(d).__name__}")
+        if any(isinstance(d.get(k), bool) for k in TUNERS) or any(_split_flat(k)[0] for k in d):
+            return cls.from_flat(d)
+        unknown = [k for k in d if k not in (*_TOP_FIELDS, *TUNERS)]
+        if unknown:
+            raise PELTError(f"unknown PELTConfig field {unknown[0]!r}; allowed: "
+                            f"{', '.join((*_TOP_FIELDS, *TUNERS))}")
+        submodules = {}
+        for key in TUNERS:
+            fields = d.get(key)
+            if fields is None:
+                continue
+            names = _field_names(key)
+            bad = [f for f in fields if f not in names]
+            if bad:
+                raise PELTError(f"unknown {key} field {bad[0]!r}; allowed: {', '.join(names)}")
+            submodules[key] = TUNERS[key](**fields)
+        return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False),
+                   submodules=submodules, init_std=d.get("init_std", 0.02))
 
-    @property
-    def gated(self) -> bool:
-        return (self.adapter and self.adapter_gate) or (self.prefix and self.prefix_gate) \
-            or (self.lora and self.lora_gate)
+
+def _field_names(key: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(TUNERS[key])]
 
 
-def _check_fields(d: dict[str, Any]) -> None:
-    names = [f.name for f in dataclasses.fields(PELTConfig)]
-    unknown = [k for k in d if k not in names]
-    if unknown:
-        raise PELTError(f"unknown PELTConfig field {unknown[0]!r}; allowed: {', '.join(names)}")
+def _flat_names(key: str) -> list[str]:
+    return [key] + [f"{key}_{f}" for f in _field_names(key)]
+
+
+def _split_flat(name: str) -> tuple[str | None, str]:
+    for key in TUNERS:
+        if name.startswith(key + "_") and name[len(key) + 1:] in _field_names(key):
+            return key, name[len(key) + 1:]
+    return None, name

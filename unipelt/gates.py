@@ -1,7 +1,14 @@
-"""Gates (Linear(hidden, 1) + sigmoid per token, mean over real tokens) and the shared context.
+"""Gates: ``Linear(hidden, n) + sigmoid`` per token, reduced per example by the forward context.
 
-The mean runs over the attention mask, not the padded length, so that padding a batch
-cannot change any example's gate (the authors' code padded every input to 128).
+The gates that read the same input (in BERT the attention input feeds the prefix gate and the
+LoRA gates of q and v) share one ``GateBank``: one ``Linear(hidden, n)`` and one sigmoid
+instead of n, computed once per layer and forward (the context caches it) however many
+submodules read it. Each row of the bank is one of the paper's gates (its own ``W``, ``b``):
+fusing them changes neither the function nor the parameter count (769 per gate on bert-base).
+
+The reduction over tokens is the context's (``ForwardContext.reduce``): the mean over real
+tokens, so padding a batch cannot change any example's gate (the authors' code padded every
+input to 128).
 """
 
 from __future__ import annotations
@@ -9,53 +16,78 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-class PELTContext:
-    """Per-forward state shared by every injected module of one model.
-
-    Filled by a forward pre-hook on the base model: ``token_weights`` is the attention
-    mask normalised to sum to 1 per example, so a gate's masked mean is one weighted sum.
-    """
-
-    def __init__(self) -> None:
-        self.token_weights: torch.Tensor | None = None
-        self.prefix_kv: torch.Tensor | None = None  # (layers, 2, heads, length, head_dim)
-
-    def weights(self) -> torch.Tensor:
-        if self.token_weights is None:
-            raise RuntimeError("unipelt module called outside the model's forward")
-        return self.token_weights
+from .context import current
 
 
-class Gate(nn.Module):
-    """Scalar gate per example: mean over real tokens of sigmoid(W x + b)."""
+class GateBank(nn.Module):
+    """The gates of one layer that read one input; ``keys`` name them (``"prefix"``, ``"lora_query"``)."""
 
-    def __init__(self, hidden: int, ctx: PELTContext, key: str, init_std: float = 0.02) -> None:
+    def __init__(self, hidden: int, keys: list[str], layer: int, init_std: float) -> None:
         super().__init__()
-        self.proj = nn.Linear(hidden, 1)
+        self.keys = tuple(keys)
+        self.layer = layer
+        self.proj = nn.Linear(hidden, len(keys))
         nn.init.normal_(self.proj.weight, std=init_std)
         nn.init.zeros_(self.proj.bias)
-        self.ctx = ctx
-        self.key = key  # e.g. "layer3.adapter", the name gate_values() reports
-        self.last: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        per_token = torch.sigmoid(self.proj(x)).squeeze(-1)  # (batch, tokens)
-        gate = (per_token * self.ctx.weights()).sum(dim=1)  # (batch,)
-        self.last = gate.detach()
-        return gate
+        """(batch, tokens, hidden) -> (batch, n) gate values."""
+        return current().reduce(torch.sigmoid(self.proj(x)))
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)``, computed once per forward however many submodules read it."""
+        ctx = current()
+        gates = ctx.gates.get(self)
+        if gates is None:
+            gates = self(x)
+            ctx.gates[self] = gates
+            ctx.record[self] = gates.detach()
+        return gates
+
+    def cached(self) -> torch.Tensor:
+        """This forward's values; the bank must have been called on its input already."""
+        return current().gates[self]
 
 
-class ConstantGate(nn.Module):
-    """A gate forced to a constant; used to check that NoGate equals a forced gated model."""
+class GateSlot:
+    """One gate of a bank, held by the submodule it scales (a plain object: the bank itself is
+    registered once, in the layer's ``pelt_gates``)."""
 
-    def __init__(self, value: float, key: str) -> None:
-        super().__init__()
-        self.value = value
-        self.key = key
-        self.last: torch.Tensor | None = None
+    __slots__ = ("bank", "index")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = x.new_full((x.shape[0],), self.value)
-        self.last = gate
-        return gate
+    def __init__(self, bank: GateBank, index: int) -> None:
+        self.bank = bank
+        self.index = index
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch,) gate values for the input ``x`` of the bank."""
+        return self.bank.values(x)[:, self.index]
+
+    def cached(self) -> torch.Tensor:
+        return self.bank.cached()[:, self.index]
+
+
+class GateRequests:
+    """Collects the gates tuners ask for, then builds one bank per (layer, input site)."""
+
+    def __init__(self, hidden: int, init_std: float) -> None:
+        self.hidden = hidden
+        self.init_std = init_std
+        self.pending: dict[tuple[int, str], list[tuple[str, GateSlot]]] = {}
+
+    def request(self, layer: int, site: str, key: str) -> GateSlot:
+        """A gate reading ``site`` (e.g. ``"attention"``: the attention input) of ``layer``."""
+        slot = GateSlot(None, -1)  # type: ignore[arg-type]  # bound by build()
+        self.pending.setdefault((layer, site), []).append((key, slot))
+        return slot
+
+    def build(self, layers: nn.ModuleList, device: torch.device, dtype: torch.dtype) -> None:
+        """Create the banks (``layer.pelt_gates[site]``) and bind every requested slot to its row."""
+        for (layer_idx, site), requests in self.pending.items():
+            bank = GateBank(self.hidden, [k for k, _ in requests], layer_idx, self.init_std)
+            layer = layers[layer_idx]
+            if not hasattr(layer, "pelt_gates"):
+                layer.add_module("pelt_gates", nn.ModuleDict())
+            layer.pelt_gates[site] = bank.to(device, dtype)
+            for index, (_, slot) in enumerate(requests):
+                slot.bank, slot.index = bank, index

@@ -1,22 +1,26 @@
-"""apply_pelt(): freeze the backbone, inject the enabled submodules, keep the head trainable."""
+"""apply_pelt(): freeze the backbone, inject each enabled submodule, enter a context per forward."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 
-from .adapter import Adapter, AdapterOutput
-from .architectures import family_of, layers_of
-from .config import PELTConfig, PELTError
-from .gates import ConstantGate, Gate, PELTContext
-from .lora import LoRALinear
-from .prefix import BASE_IMPLEMENTATIONS, IMPL_PREFIX, PrefixEncoder, attach_prefix
+from . import context
+from .backbones import spec_for
+from .config import PELTConfig
+from .errors import PELTError
+from .gates import GateBank, GateRequests
+from .tuners import Target
+from .tuners.prefix import PREFIX_ATTR, PrefixEncoder
 
-PREFIX_ATTR = "pelt_prefix"  # the shared PrefixEncoder lives at model.base_model.pelt_prefix
+LAST_GATES = "_pelt_last_gates"  # base model attribute: the last forward's gates, detached
 
 
 def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
-    """Turn a Hugging Face sequence-classification model into a PELT model, in place.
+    """Turn a Hugging Face model with a head (e.g. ``AutoModelForSequenceClassification``) into
+    a PELT model, in place.
 
     Every backbone weight is frozen except what the config trains (all of them for
     ``finetune``, biases for ``bitfit``); the head (whatever lies outside
@@ -25,106 +29,70 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
     """
     if not isinstance(config, PELTConfig):
         raise PELTError(f"config must be a PELTConfig, got {type(config).__name__}")
-    family = family_of(model)
+    spec = spec_for(model)
     if hasattr(model, "pelt_config"):
         raise PELTError("apply_pelt was already applied to this model")
     base = model.base_model
     if base is model:
         raise PELTError("apply_pelt needs a model with a head (e.g. AutoModelForSequenceClassification)")
-    hf = model.config
-    hidden, n_layers, n_heads = hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads
     ref = next(base.parameters())
-    device, dtype = ref.device, ref.dtype
+    layers = spec.layer_list(model)
 
     for p in base.parameters():
         p.requires_grad_(config.finetune)
+    in_base = {id(p) for p in base.parameters()}
     for p in model.parameters():  # the head: everything outside the base model
-        if not any(p is q for q in base.parameters()):
+        if id(p) not in in_base:
             p.requires_grad_(True)
-    if config.bitfit:
-        for name, p in base.named_parameters():
-            if name.endswith("bias"):
-                p.requires_grad_(True)
 
-    ctx = PELTContext()
-    std = config.init_std
+    dims = spec.dims(model.config)
+    target = Target(model, spec, dims, layers, GateRequests(dims.hidden, config.init_std),
+                    ref.device, ref.dtype, config.init_std)
+    for sub in config.submodules.values():
+        sub.inject(target)
+    target.gates.build(layers, ref.device, ref.dtype)
+    if spec.explicit_attention is not None and any(s.changes_attention for s in config.submodules.values()):
+        parent_path, _, child = spec.attention.rpartition(".")
+        for layer in layers:
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+            setattr(parent, child, spec.explicit_attention(getattr(parent, child)))
 
-    def gate(on: bool, key: str) -> Gate | None:
-        return Gate(hidden, ctx, key, std) if on else None
-
-    if config.prefix:
-        impl = hf._attn_implementation or "eager"
-        if impl not in BASE_IMPLEMENTATIONS:
-            raise PELTError(
-                f"prefix needs attention implementation sdpa or eager, the model uses {impl!r}")
-        encoder = PrefixEncoder(n_layers, hidden, n_heads, config.prefix_length,
-                                config.prefix_mid_dim, std)
-        base.add_module(PREFIX_ATTR, encoder.to(device, dtype))
-        _set_attn_implementation(model, IMPL_PREFIX + impl)
-
-    for i, layer in enumerate(layers_of(model)):
-        attention = layer.get_submodule(family.self_attention)
-        if config.adapter:
-            out_name = family.ffn_output
-            parent, child = _split(layer, out_name)
-            adapter = Adapter(hidden, config.adapter_bottleneck, config.adapter_activation,
-                              gate(config.adapter_gate, f"layer{i}.adapter"), std)
-            setattr(parent, child, AdapterOutput(getattr(parent, child), adapter.to(device, dtype)))
-        if config.lora:
-            for target in config.lora_targets:
-                g = gate(config.lora_gate, f"layer{i}.lora_{target}")
-                wrapped = LoRALinear(getattr(attention, target), config.lora_r, config.lora_alpha,
-                                     config.lora_dropout, g)
-                # LoRALinear.base keeps its frozen weights; only new parts need moving.
-                for m in (wrapped.lora_A, wrapped.lora_B, g):
-                    if m is not None:
-                        m.to(device, dtype)
-                setattr(attention, target, wrapped)
-        if config.prefix:
-            g = gate(config.prefix_gate, f"layer{i}.prefix")
-            attach_prefix(attention, i, ctx, g.to(device, dtype) if g is not None else None)
-
-    if not config.finetune:
-        base._pelt_ctx = ctx
-        base.register_forward_pre_hook(_context_hook, with_kwargs=True)
+    if target.gates.pending or hasattr(base, PREFIX_ATTR):  # anything that reads the context
+        signature = list(inspect.signature(base.forward).parameters)
+        base._pelt_arg_index = {k: signature.index(k) for k in
+                                ("input_ids", "attention_mask", "inputs_embeds") if k in signature}
+        base.register_forward_pre_hook(_enter_context, with_kwargs=True)
+        base.register_forward_hook(_leave_context, always_call=True)
     model.pelt_config = config
     return model
 
 
-def _split(root: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent, _, child = path.rpartition(".")
-    return (root.get_submodule(parent) if parent else root), child
+def _argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> torch.Tensor | None:
+    if name in kwargs:
+        return kwargs[name]
+    index = module._pelt_arg_index.get(name)
+    return args[index] if index is not None and index < len(args) else None
 
 
-def _set_attn_implementation(model: nn.Module, impl: str) -> None:
-    """Point every config of the model at ``impl`` (they are usually one shared object)."""
-    for module in model.modules():
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
-            cfg._attn_implementation_internal = impl
+def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Base-model pre-hook: this batch's token weights and prefix become the current context.
 
-
-def _context_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Before each base-model forward: gate weights from the attention mask, this batch's prefix.
-
-    A module-level function reading state from ``module`` (no closure), so deepcopy works.
+    Module-level functions reading only the module they are given (no closure): deepcopy works.
     """
-    ctx: PELTContext = module._pelt_ctx
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    ref = ids if ids is not None else kwargs["inputs_embeds"]
-    shape = ref.shape[:2]
-    dtype = next(module.parameters()).dtype
-    if mask is None:
-        weights = torch.full(shape, 1.0 / shape[1], dtype=dtype, device=ref.device)
-    else:
-        if mask.dim() != 2:
-            raise PELTError("unipelt needs a 2D (batch, tokens) attention_mask of 0/1")
-        weights = mask.to(dtype)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
-    ctx.token_weights = weights
-    encoder = getattr(module, PREFIX_ATTR, None)
-    ctx.prefix_kv = encoder() if encoder is not None else None
+    ids = _argument(base, args, kwargs, "input_ids")
+    reference = ids if ids is not None else _argument(base, args, kwargs, "inputs_embeds")
+    encoder: PrefixEncoder | None = getattr(base, PREFIX_ATTR, None)
+    weights = context.token_weights(_argument(base, args, kwargs, "attention_mask"), reference,
+                                    next(base.parameters()).dtype)
+    if base.training and torch.is_grad_enabled():
+        context.bind_checkpointing(spec_for(base).layer_list(base))
+    context.enter(context.ForwardContext(id(base), weights, encoder() if encoder is not None else None))
+
+
+def _leave_context(base: nn.Module, args: tuple, output: object) -> None:
+    ctx = context.leave(id(base))
+    if ctx is not None:
+        setattr(base, LAST_GATES, ctx.record)
 
 
 def _prefix_encoder(model: nn.Module) -> PrefixEncoder | None:
@@ -134,26 +102,27 @@ def _prefix_encoder(model: nn.Module) -> PrefixEncoder | None:
 def fold_prefix(model: nn.Module) -> nn.Module:
     """Replace the prefix reparameterisation MLP by static per-layer prefixes, for good.
 
-    Not needed for inference speed: in eval mode the MLP output is cached automatically.
+    Not needed for inference speed: without gradients the MLP output is cached automatically.
     Use it to keep training the static prefix or to drop the MLP from memory.
     """
     encoder = _prefix_encoder(model)
     if encoder is None:
-        raise PELTError("fold_prefix: this model has no prefix (apply_pelt with prefix=True)")
+        raise PELTError("fold_prefix: this model has no prefix (apply_pelt with a prefix preset)")
     encoder.fold()
     return model
 
 
 def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The last forward's per-example gates, e.g. {"layer3.adapter": tensor(batch)}; detached, no sync."""
-    return {m.key: m.last for m in model.modules()
-            if isinstance(m, (Gate, ConstantGate)) and m.last is not None}
+    """The last forward's per-example gates, e.g. ``{"layer3.adapter": tensor(batch)}``; detached, no sync."""
+    record: dict[GateBank, torch.Tensor] = getattr(model.base_model, LAST_GATES, None) or {}
+    return {f"layer{bank.layer}.{key}": values[:, i]
+            for bank, values in record.items() for i, key in enumerate(bank.keys)}
 
 
 def count_trainable(model: nn.Module) -> int:
     """Trainable parameters, counting an unfolded prefix as its folded size (the paper's count)."""
     encoder = _prefix_encoder(model)
-    skip = set()
+    skip: set[int] = set()
     total = 0
     if encoder is not None and not encoder.folded:
         skip = {id(p) for p in encoder.parameters()}

@@ -1,0 +1,108 @@
+"""The per-forward context: nothing of a batch outlives its forward; nesting, two models and
+activation checkpointing give the same gradients as plain forwards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from unipelt import context, gate_values
+
+try:  # works whether or not tests/ is a package
+    from .test_core_model import batch, pelt, train_steps
+except ImportError:
+    from test_core_model import batch, pelt, train_steps
+
+LABELS = torch.tensor([0, 1, 2])
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def backward(model: torch.nn.Module, family: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(**batch(family, [7, 5, 3], seed=seed), labels=LABELS).loss.backward()
+    return grads(model)
+
+
+def assert_same(a: dict, b: dict, exact: bool = True) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def trained(family: str) -> torch.nn.Module:
+    model = pelt(family, "unipelt_apl")
+    train_steps(model, family, steps=1)  # LoRA B non-zero
+    return model
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v2", "modernbert"])
+def test_nothing_of_a_batch_stays_on_modules_after_forward(family):
+    model = trained(family)
+    model(**batch(family, [6, 2]), labels=LABELS[:2]).loss.backward()
+    assert context._ACTIVE.get() is None
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr.startswith("_") and attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            values = value.values() if isinstance(value, dict) else [value]
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    assert v.grad_fn is None and not v.requires_grad, f"{name}.{attr} keeps a graph"
+                    assert attr == "_pelt_last_gates", f"{name}.{attr} keeps a batch tensor"
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "deberta-v2", "modernbert"])
+def test_activation_checkpointing_gives_the_same_gradients(family):
+    model = trained(family)
+    expected = backward(model, family)
+    model.gradient_checkpointing_enable()
+    assert model.base_model.get_submodule(
+        {"bert": "encoder.layer", "distilbert": "transformer.layer", "deberta-v2": "encoder.layer",
+         "modernbert": "layers"}[family])[0].gradient_checkpointing
+    got = backward(model, family)
+    assert any("pelt_prefix" in n for n in got)  # the prefix MLP gets its gradient through replays
+    assert_same(got, expected, exact=False)
+
+
+def test_two_models_interleaved_give_their_own_gradients():
+    a, b = trained("bert"), trained("modernbert")
+    expected_a, expected_b = backward(a, "bert"), backward(b, "modernbert", seed=2)
+    a.zero_grad(set_to_none=True)
+    b.zero_grad(set_to_none=True)
+    loss_a = a(**batch("bert", [7, 5, 3]), labels=LABELS).loss
+    loss_b = b(**batch("modernbert", [7, 5, 3], seed=2), labels=LABELS).loss
+    loss_b.backward()
+    loss_a.backward()
+    assert_same(grads(a), expected_a)
+    assert_same(grads(b), expected_b)
+
+
+def test_nested_forward_of_another_model_changes_nothing():
+    outer, inner = trained("bert"), copy.deepcopy(trained("bert"))
+    expected = backward(outer, "bert")
+    inner_inputs = batch("bert", [4, 2], seed=9)
+
+    def run_inner(module, args, output):
+        with torch.no_grad():
+            inner(**inner_inputs)  # another model's whole forward, mid-layer of this one
+
+    handle = outer.bert.encoder.layer[0].attention.register_forward_hook(run_inner)
+    got = backward(outer, "bert")
+    handle.remove()
+    assert_same(got, expected)
+    assert all(v.shape == (3,) for v in gate_values(outer).values())
+    assert all(v.shape == (2,) for v in gate_values(inner).values())
+
+
+def test_a_layer_called_alone_is_a_clear_error():
+    model = pelt("bert", "unipelt_apl")
+    with pytest.raises(ValueError, match="outside its model's forward"):
+        model.bert.encoder.layer[0](torch.zeros(1, 3, 32))

@@ -1,0 +1,128 @@
+"""The per-forward context: what every injected module of one model needs for one batch.
+
+A ``ForwardContext`` is built when the base model's forward starts (a forward pre-hook) and
+made current in a ``ContextVar`` until it ends (a forward hook that also runs on errors):
+the token weights of the gates (the attention mask, normalised per example), this batch's
+prefix keys/values (the reparameterisation network runs once per forward), and a cache of
+the gate values computed so far. Nothing of a batch is stored on a module, so nested
+forwards and two models in one process never see each other's batch, and nothing outlives
+the forward except the autograd graph and the detached gate values kept for
+``gate_values()``.
+
+Activation checkpointing replays a layer during the backward pass, after the context has
+been left. ``bind_checkpointing`` wraps the layers' checkpoint function so the replay runs
+inside a *replay* of its own forward's context (same mask and prefix, fresh gate cache: the
+replay must recompute every tensor the first pass saved).
+
+Gate reduction (``reduce``) is the one place that knows how per-token gate values become a
+per-example scale: the mean over real tokens (encoders). A causal variant (a running mean
+over positions, so no position sees a later token) belongs here as a second mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PELTError
+
+_ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context", default=None)
+
+
+class ForwardContext:
+    """State of one forward of one model; see the module docstring."""
+
+    __slots__ = ("owner", "token_weights", "prefix", "gates", "record", "masks", "previous")
+
+    def __init__(self, owner: int, token_weights: torch.Tensor, prefix: torch.Tensor | None) -> None:
+        self.owner = owner  # id() of the base model whose forward this is
+        self.token_weights = token_weights  # (batch, tokens), rows sum to 1 over real tokens
+        self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
+        self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
+        self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values()
+        self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(mask) -> (mask, extended)
+        self.previous: ForwardContext | None = None
+
+    def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens."""
+        return torch.einsum("btn,bt->bn", per_token, self.token_weights)
+
+    def replay(self) -> ForwardContext:
+        """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
+        ctx = ForwardContext(self.owner, self.token_weights, self.prefix)
+        ctx.record = self.record
+        return ctx
+
+
+def current() -> ForwardContext:
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        raise PELTError("a unipelt module was called outside its model's forward "
+                        "(call the model, not one of its layers)")
+    return ctx
+
+
+def enter(ctx: ForwardContext) -> None:
+    ctx.previous = _ACTIVE.get()
+    _ACTIVE.set(ctx)
+
+
+def leave(owner: int | None = None) -> ForwardContext | None:
+    """Leave the current context (``owner``'s only: a forward that failed before entering its
+    own context leaves nothing)."""
+    ctx = _ACTIVE.get()
+    if ctx is None or (owner is not None and ctx.owner != owner):
+        return None
+    _ACTIVE.set(ctx.previous)
+    ctx.previous = None
+    return ctx
+
+
+def token_weights(mask: torch.Tensor | None, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask as weights summing to 1 per example (uniform without a mask)."""
+    batch, tokens = reference.shape[:2]
+    if mask is None:
+        return torch.full((batch, tokens), 1.0 / tokens, dtype=dtype, device=reference.device)
+    if mask.dim() != 2:
+        raise PELTError(f"unipelt needs a 2D (batch, tokens) attention_mask of 0/1, got shape "
+                        f"{tuple(mask.shape)}")
+    weights = mask.to(dtype)
+    return weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+class _InContext:
+    """A layer's checkpoint function that replays the layer inside its forward's context."""
+
+    def __init__(self, inner: Callable[..., Any]) -> None:
+        self.inner = inner
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.inner(partial(_run_in, current(), function), *args, **kwargs)
+
+
+def _run_in(ctx: ForwardContext, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``function`` (the first pass or its recomputation) in a fresh replay of ``ctx``."""
+    enter(ctx.replay())
+    try:
+        return function(*args, **kwargs)
+    finally:
+        leave()
+
+
+def bind_checkpointing(layers: nn.ModuleList) -> None:
+    """Make activation checkpointing (``gradient_checkpointing_enable()``) replay in context.
+
+    transformers' ``GradientCheckpointingLayer`` calls ``self._gradient_checkpointing_func``;
+    enabling checkpointing (at any time, before or after ``apply_pelt``) sets it, so this
+    runs at the start of each training forward: a few attribute reads when nothing changed.
+    """
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            func = layer.__dict__.get("_gradient_checkpointing_func")
+            if func is not None and not isinstance(func, _InContext):
+                layer._gradient_checkpointing_func = _InContext(func)

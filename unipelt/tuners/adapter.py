@@ -1,0 +1,117 @@
+"""Bottleneck adapter (Houlsby et al.) at the Pfeiffer position, as the paper's authors used it.
+
+Post-LN block ``y = LN(h + x)`` (``h`` the sublayer output, ``x`` the residual): the adapter
+reads ``a = LN(h + x)`` and the block becomes ``y = LN(h + g * up(act(down(a))) + x)``,
+re-using the block's LayerNorm (adapter-transformers' Pfeiffer config). A pre-norm block
+``y = r + mlp(norm(r))`` has no LayerNorm there: the adapter reads ``a = y`` and the block
+becomes ``y + g * up(act(down(y)))``. Either way an adapter whose output is zero leaves the
+block unchanged. ``g`` is the gate (reading ``a``) or 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..backbones import LayerOutput, PostLNOutput, PostLNSublayer
+from ..errors import PELTError
+from ..gates import GateSlot
+from .base import Target, TunerConfig
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class Adapter(nn.Module):
+    def __init__(self, hidden: int, bottleneck: int, activation: str, gate: GateSlot | None,
+                 init_std: float) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(bottleneck, hidden)
+        for linear in (self.down, self.up):
+            nn.init.normal_(linear.weight, std=init_std)
+            nn.init.zeros_(linear.bias)
+        self.gate = gate  # reads the adapter input, scales the adapter output
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        out = self.up(self.act(self.down(a)))
+        if self.gate is not None:
+            out = out * self.gate(a)[:, None, None]
+        return out
+
+
+class AdapterOutput(nn.Module):
+    """BERT's FFN output block ``base`` (dense, dropout, LayerNorm) with the adapter."""
+
+    def __init__(self, base: nn.Module, adapter: Adapter, site: PostLNOutput) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.names = (site.dense, site.dropout, site.norm)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        dense, dropout, norm = (getattr(self.base, n) for n in self.names)
+        h = dropout(dense(hidden_states))
+        a = norm(h + input_tensor)
+        return norm(h + self.adapter(a) + input_tensor)
+
+
+class AdapterSublayer(nn.Module):
+    """A sublayer ``base`` whose layer computes ``norm(base(x) + x)``: returns ``h + adapter(norm(h + x))``."""
+
+    def __init__(self, base: nn.Module, adapter: Adapter, norm: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self._norm = (norm,)  # the layer's own LayerNorm, not registered twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        return h + self.adapter(self._norm[0](h + x))
+
+
+def _after_layer(layer: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook of a pre-norm layer: ``y + adapter(y)`` (a module-level function: deepcopy works)."""
+    if isinstance(output, tuple):
+        return (output[0] + layer.adapter(output[0]), *output[1:])
+    return output + layer.adapter(output)
+
+
+@dataclass(frozen=True)
+class AdapterConfig(TunerConfig):
+    name: ClassVar[str] = "adapter"
+    bottleneck: int = 48
+    activation: str = "relu"
+
+    def validate(self) -> None:
+        self._positive_int("bottleneck")
+        if self.activation not in ACTIVATIONS:
+            raise PELTError(f"adapter_activation {self.activation!r} is not one of: "
+                            f"{', '.join(ACTIVATIONS)}")
+
+    def inject(self, target: Target) -> None:
+        site = target.spec.adapter
+        for i, layer in enumerate(target.layers):
+            gate = target.gate(self.gate, i, "adapter", "adapter")
+            adapter = target.new(Adapter(target.dims.hidden, self.bottleneck, self.activation, gate,
+                                         target.init_std))
+            if isinstance(site, PostLNOutput):
+                parent, child = _split(layer, site.block)
+                setattr(parent, child, AdapterOutput(getattr(parent, child), adapter, site))
+            elif isinstance(site, PostLNSublayer):
+                parent, child = _split(layer, site.sublayer)
+                setattr(parent, child, AdapterSublayer(getattr(parent, child), adapter,
+                                                       layer.get_submodule(site.norm)))
+            elif isinstance(site, LayerOutput):
+                layer.add_module("adapter", adapter)
+                layer.register_forward_hook(_after_layer)
+            else:
+                raise PELTError(f"unknown adapter site {site!r}")
+
+
+def _split(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, child = path.rpartition(".")
+    return (root.get_submodule(parent) if parent else root), child

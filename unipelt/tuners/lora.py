@@ -1,0 +1,178 @@
+"""LoRA (Hu et al.) as a side path on frozen projections: ``y = W x + b + s * B A x``.
+
+``s`` is ``alpha / r`` ungated, or the per-example gate (which replaces alpha/r, as in the
+paper). The update is never merged into a weight copy during training: the side path costs
+``2 r (in + out)`` FLOPs per token and the scale is applied to the r-wide activation.
+
+Every LoRA-wrapped projection exposes its targets per name: ``targets``, ``lora_pair(t)``
+(the A and B Linears) and ``delta_weight(t)`` (``s * B @ A`` as a ``(rows, in)`` matrix, with
+``output_slice(t)`` the rows of the wrapped weight it adds to), so exports (ungated LoRA to
+PEFT, merging into weights) need not know whether the projection was fused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import PELTError
+from ..gates import GateSlot
+from .base import Target, TunerConfig
+
+TARGETS = ("query", "key", "value")
+
+
+def _pair(in_features: int, out_features: int, r: int) -> tuple[nn.Linear, nn.Linear]:
+    a, b = nn.Linear(in_features, r, bias=False), nn.Linear(r, out_features, bias=False)
+    nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+    nn.init.zeros_(b.weight)
+    return a, b
+
+
+class LoRALinear(nn.Module):
+    """One projection (``query``, say) with LoRA; ``base`` keeps the frozen Linear."""
+
+    def __init__(self, base: nn.Linear, target: str, r: int, alpha: float, dropout: float,
+                 gate: GateSlot | None) -> None:
+        super().__init__()
+        self.base = base
+        self.target = target
+        self.lora_A, self.lora_B = _pair(base.in_features, base.out_features, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / r
+        self.gate = gate  # reads the projection input (the attention input)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.target,)
+
+    def lora_pair(self, target: str) -> tuple[nn.Linear, nn.Linear]:
+        _check(target, self.targets)
+        return self.lora_A, self.lora_B
+
+    def output_slice(self, target: str) -> slice:
+        _check(target, self.targets)
+        return slice(0, self.base.out_features)
+
+    def delta_weight(self, target: str) -> torch.Tensor:
+        """``alpha/r * B @ A`` (the ungated update; a gated one scales it per example)."""
+        a, b = self.lora_pair(target)
+        return self.scaling * (b.weight @ a.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lora_A(self.dropout(x))
+        z = z * (self.gate(x)[:, None, None] if self.gate is not None else self.scaling)
+        return self.base(x) + self.lora_B(z)
+
+
+class FusedLoRALinear(nn.Module):
+    """A fused q/k/v projection (ModernBERT's ``Wqkv``) with LoRA on some of its slices.
+
+    The A matrices of all targets run as one matmul; each target has its own B, scale and gate.
+    """
+
+    def __init__(self, base: nn.Linear, slices: dict[str, slice], r: int, alpha: float,
+                 dropout: float, gates: dict[str, GateSlot | None]) -> None:
+        super().__init__()
+        self.base = base
+        self.slices = dict(slices)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        for t, sl in self.slices.items():
+            self.lora_A[t], self.lora_B[t] = _pair(base.in_features, sl.stop - sl.start, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / r
+        self.r = r
+        self.gates = gates
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.slices)
+
+    def lora_pair(self, target: str) -> tuple[nn.Linear, nn.Linear]:
+        _check(target, self.targets)
+        return self.lora_A[target], self.lora_B[target]
+
+    def output_slice(self, target: str) -> slice:
+        _check(target, self.targets)
+        return self.slices[target]
+
+    def delta_weight(self, target: str) -> torch.Tensor:
+        a, b = self.lora_pair(target)
+        return self.scaling * (b.weight @ a.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        a = torch.cat([self.lora_A[t].weight for t in self.slices])  # (targets * r, in)
+        z = nn.functional.linear(self.dropout(x), a).split(self.r, dim=-1)
+        parts = []
+        for (t, sl), zt in zip(self.slices.items(), z, strict=True):
+            gate = self.gates[t]
+            zt = zt * (gate(x)[:, None, None] if gate is not None else self.scaling)
+            parts.append((sl, self.lora_B[t](zt)))
+        # rebuild y with each target's slice updated (no in-place write into the base output)
+        pieces, start = [], 0
+        for sl, delta in sorted(parts, key=lambda p: p[0].start):
+            pieces += [y[..., start:sl.start], y[..., sl] + delta]
+            start = sl.stop
+        pieces.append(y[..., start:])
+        return torch.cat(pieces, dim=-1)
+
+
+def _check(target: str, targets: tuple[str, ...]) -> None:
+    if target not in targets:
+        raise PELTError(f"no LoRA on {target!r} here; this projection has LoRA on: {', '.join(targets)}")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(TunerConfig):
+    name: ClassVar[str] = "lora"
+    changes_attention: ClassVar[bool] = True
+    r: int = 8
+    alpha: float = 16
+    targets: tuple[str, ...] = field(default=("query", "value"))
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets",
+                               tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        self._positive_int("r")
+        self._positive_number("alpha")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0 <= self.dropout < 1:
+            raise PELTError(f"lora_dropout must be in [0, 1), got {self.dropout!r}")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise PELTError(f"lora_targets {list(self.targets)} must be distinct names from: "
+                            f"{', '.join(TARGETS)}")
+
+    def inject(self, target: Target) -> None:
+        spec = target.spec
+        for i, layer in enumerate(target.layers):
+            attention = layer.get_submodule(spec.attention)
+            gates = {t: target.gate(self.gate, i, "attention", f"lora_{t}") for t in self.targets}
+            if spec.fused_qkv is not None:
+                base = getattr(attention, spec.fused_qkv)
+                all_slices = spec.qkv_slices(target.model.config)
+                slices = {t: all_slices[t] for t in self.targets}
+                wrapped = FusedLoRALinear(base, slices, self.r, self.alpha, self.dropout, gates)
+                for m in (wrapped.lora_A, wrapped.lora_B):
+                    target.new(m)
+                setattr(attention, spec.fused_qkv, wrapped)
+                continue
+            for t in self.targets:
+                name = spec.projections[t]
+                wrapped = LoRALinear(getattr(attention, name), t, self.r, self.alpha, self.dropout,
+                                     gates[t])
+                for m in (wrapped.lora_A, wrapped.lora_B):  # base keeps its frozen weights
+                    target.new(m)
+                setattr(attention, name, wrapped)

@@ -1,0 +1,216 @@
+"""Prefix-tuning (Li & Liang): per-layer key/value vectors every query can attend to.
+
+One reparameterisation network shared by all layers, ``Embedding(L, hidden) -> Linear(hidden,
+mid) -> Tanh -> Linear(mid, layers * 2 * kv_heads * head_dim)``, runs once per forward (the
+forward context holds its output); each layer scales its prefix by its gate and puts it in
+front of the keys and values, with the mask extended so prefix positions are always
+attendable. Prefix keys carry no position: in rotary models (ModernBERT) they are not
+rotated; in DeBERTa they take part in the content scores only (see ``backbones``).
+
+Families that call transformers' attention interface get it through two registered
+implementations, ``unipelt_sdpa`` and ``unipelt_eager`` (each with its mask function: without
+one transformers builds no padding mask for an unknown name and padding would be attended),
+set with the public ``model.set_attn_implementation`` on a config of the model's own (a
+config object the caller shares is never changed). Switching the implementation after
+``apply_pelt`` to one without the prefix fails at the next forward.
+
+Eval-mode cache: when gradients are off (``no_grad``/``inference_mode``) the network's output
+is computed once and reused until a weight changes; with gradients on it always runs, so a
+backward reaches the network in eval mode too. ``fold()`` replaces the network for good by
+a static parameter (the paper's parameter count; smaller checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from ..context import current
+from ..errors import PELTError
+from ..gates import GateSlot
+from .base import Target, TunerConfig
+
+IMPL_PREFIX = "unipelt_"
+BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+PREFIX_ATTR = "pelt_prefix"  # the shared PrefixEncoder lives at model.base_model.pelt_prefix
+
+
+class PrefixEncoder(nn.Module):
+    """The reparameterisation network; ``forward()`` gives (layers, 2, kv_heads, length, head_dim)."""
+
+    def __init__(self, n_layers: int, hidden: int, kv_heads: int, head_dim: int, length: int,
+                 mid_dim: int, init_std: float) -> None:
+        super().__init__()
+        self.kv_shape = (length, n_layers, 2, kv_heads, head_dim)
+        self.embedding: nn.Embedding | None = nn.Embedding(length, hidden)
+        self.mlp: nn.Sequential | None = nn.Sequential(
+            nn.Linear(hidden, mid_dim), nn.Tanh(), nn.Linear(mid_dim, n_layers * 2 * kv_heads * head_dim))
+        nn.init.normal_(self.embedding.weight, std=init_std)
+        for linear in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(linear.weight, std=init_std)
+            nn.init.zeros_(linear.bias)
+        self.static: nn.Parameter | None = None
+        self._cache: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    @property
+    def folded(self) -> bool:
+        return self.static is not None
+
+    @property
+    def folded_numel(self) -> int:
+        length, n_layers, _, kv_heads, head_dim = self.kv_shape
+        return n_layers * 2 * kv_heads * head_dim * length
+
+    def compute(self) -> torch.Tensor:
+        out = self.mlp(self.embedding.weight)
+        return out.view(self.kv_shape).permute(1, 2, 3, 0, 4)
+
+    def forward(self) -> torch.Tensor:
+        if self.static is not None:
+            return self.static
+        if torch.is_grad_enabled():  # training, or a backward in eval mode: never cached
+            self._cache = None
+            return self.compute()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        if self._cache is None or key != self._cache_key:
+            self._cache = self.compute().contiguous()
+            self._cache_key = key
+        return self._cache
+
+    def train(self, mode: bool = True) -> PrefixEncoder:
+        self._cache = None
+        return super().train(mode)
+
+    @torch.no_grad()
+    def folded_value(self) -> torch.Tensor:
+        return self.static.detach().clone() if self.static is not None else self.compute().contiguous()
+
+    def fold(self) -> None:
+        """Replace the network by its output, a trainable static prefix (irreversible)."""
+        if self.static is not None:
+            return
+        trainable = any(p.requires_grad for p in self.parameters())
+        self.static = nn.Parameter(self.folded_value(), requires_grad=trainable)
+        self.embedding = None
+        self.mlp = None
+        self._cache = None
+
+
+def gated_prefix(module: nn.Module, batch: int, dtype: torch.dtype,
+                 gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This forward's prefix keys and values of ``module``'s layer, (batch, kv_heads, length, head_dim)."""
+    key, value = current().prefix[module.pelt_prefix_layer].to(dtype).unbind(0)
+    if gate is not None:
+        g = gate[:, None, None, None]
+        return key * g, value * g
+    return key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+
+
+def prefix_for(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For explicit attention code: the gated prefix, the gate reading ``hidden_states``."""
+    slot: GateSlot | None = module.pelt_prefix_gate
+    gate = slot(hidden_states) if slot is not None else None
+    return gated_prefix(module, hidden_states.shape[0], hidden_states.dtype, gate)
+
+
+def _fill_gate(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Pre-hook of a gated attention module: compute its input's gates (cached for this forward)."""
+    module.pelt_prefix_gate(args[0] if args else kwargs["hidden_states"])
+
+
+def _extended_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """``mask`` with ``length`` always-attendable key positions in front (once per forward)."""
+    masks = current().masks
+    hit = masks.get(id(mask))
+    if hit is not None and hit[0] is mask and hit[1].shape[-1] == mask.shape[-1] + length:
+        return hit[1]
+    fill = True if mask.dtype == torch.bool else 0.0
+    pad = torch.full((*mask.shape[:-1], length), fill, dtype=mask.dtype, device=mask.device)
+    extended = torch.cat([pad, mask], dim=-1)
+    masks[id(mask)] = (mask, extended)  # holding ``mask`` keeps its id from being reused
+    return extended
+
+
+def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None,
+                             *args: Any, base_impl: str, **kwargs: Any) -> Any:
+    if getattr(module, "pelt_prefix_layer", None) is not None:
+        slot = module.pelt_prefix_gate
+        pk, pv = gated_prefix(module, query.shape[0], key.dtype,
+                              slot.cached() if slot is not None else None)
+        key = torch.cat([pk, key], dim=2)
+        value = torch.cat([pv, value], dim=2)
+        if attention_mask is not None:
+            attention_mask = _extended_mask(attention_mask, pk.shape[2])
+    if base_impl == "eager":  # each modeling file has its own eager function
+        fn = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[base_impl]
+    return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+for _base in BASE_IMPLEMENTATIONS:
+    AttentionInterface.register(IMPL_PREFIX + _base, partial(prefix_attention_forward, base_impl=_base))
+    AttentionMaskInterface.register(IMPL_PREFIX + _base, ALL_MASK_ATTENTION_FUNCTIONS[_base])
+
+
+def _check_implementation(base: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Base-model pre-hook: the attention implementation must still be one that adds the prefix."""
+    impl = base.config._attn_implementation
+    if not impl.startswith(IMPL_PREFIX):
+        choices = ", ".join(IMPL_PREFIX + b for b in BASE_IMPLEMENTATIONS)
+        raise PELTError(f"the model's attention implementation is now {impl!r}, which drops the "
+                        f"prefix; after apply_pelt use one of: {choices} "
+                        f"(model.set_attn_implementation({IMPL_PREFIX + 'sdpa'!r}))")
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give the model a config object of its own, so set_attn_implementation changes no one else's."""
+    shared = model.config
+    own = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = own
+
+
+@dataclass(frozen=True)
+class PrefixConfig(TunerConfig):
+    name: ClassVar[str] = "prefix"
+    changes_attention: ClassVar[bool] = True
+    length: int = 10
+    mid_dim: int = 512
+
+    def validate(self) -> None:
+        self._positive_int("length", "mid_dim")
+
+    def inject(self, target: Target) -> None:
+        model, spec, d = target.model, target.spec, target.dims
+        if spec.explicit_attention is None:
+            impl = model.config._attn_implementation or "eager"
+            if impl not in BASE_IMPLEMENTATIONS:
+                raise PELTError(f"prefix needs attention implementation sdpa or eager, the model "
+                                f"uses {impl!r}")
+            _own_config(model)
+            model.set_attn_implementation(IMPL_PREFIX + impl)
+            if model.config._attn_implementation != IMPL_PREFIX + impl:
+                raise PELTError(f"{type(model).__name__} did not accept attention implementation "
+                                f"{IMPL_PREFIX + impl!r}: the prefix would have no effect")
+            model.base_model.register_forward_pre_hook(_check_implementation, with_kwargs=True)
+        encoder = PrefixEncoder(d.layers, d.hidden, d.kv_heads, d.head_dim, self.length,
+                                self.mid_dim, target.init_std)
+        model.base_model.add_module(PREFIX_ATTR, target.new(encoder))
+        for i, layer in enumerate(target.layers):
+            attention = layer.get_submodule(spec.attention)
+            attention.pelt_prefix_layer = i
+            attention.pelt_prefix_gate = target.gate(self.gate, i, "attention", "prefix")
+            if self.gate and spec.explicit_attention is None:
+                attention.register_forward_pre_hook(_fill_gate, with_kwargs=True)
