@@ -31,7 +31,7 @@ from lightning_modules.unipelt_module import (
     _check_options,
     backbone_fingerprint,
 )
-from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable
+from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, spec_for
 
 TASK = "instruct"  # what checkpoints record as their task
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,8 +119,7 @@ class CausalLMModule(pl.LightningModule):
 
     @property
     def max_input_length(self) -> int:
-        limit = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
-        return limit if limit > 0 else 1 << 30
+        return spec_for(self.model).max_input_length(self.model.config)
 
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)

@@ -6,13 +6,15 @@ setting only instruction runs have (`data.prompt_field`, `model.max_new_tokens`,
 loggers, atomic checkpoints, `--ckpt_path last`, the input checks) is cli.py's UniPELTCLI.
 
 With `--ckpt_path`, the checkpoint states the model (backbone, GGUF file, method and its
-overrides): `python cli.py predict --ckpt_path best.ckpt --data.predict_file prompts.jsonl`
-needs no config. The other settings (max_new_tokens, data) come from the command line.
+overrides) and, unless the command line names them, how rows were rendered (fields, chat
+template, max_seq_length): `python cli.py predict --ckpt_path best.ckpt --data.predict_file
+prompts.jsonl` needs no config. The other settings (max_new_tokens, ...) come from the command line.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ MARKERS = {"data": ("prompt_field", "response_field", "messages_field", "use_cha
                     "predict_file"),
            "model": ("max_new_tokens", "gguf_file", "generation_kwargs", "predict_output")}
 IDENTITY = ("model_name_or_path", "gguf_file", "dtype", "method", "pelt_overrides")
+# How training rendered its rows: a predict from its checkpoint renders prompts the same way unless told otherwise.
+DATA_RENDERING = ("prompt_field", "response_field", "messages_field", "use_chat_template", "max_seq_length")
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -77,6 +81,11 @@ def is_instruct_run(argv: list[str]) -> bool:
 
 
 class InstructCLI(UniPELTCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        self._argv = [str(a) for a in given] if isinstance(given, list) else sys.argv[1:]
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.gguf_file", "data.gguf_file")
@@ -89,11 +98,17 @@ class InstructCLI(UniPELTCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is None or str(ckpt_path) in _SPECIAL_CKPT:
             return
-        saved = load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters", {})
+        checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
+        saved = checkpoint.get("hyper_parameters", {})
         config = self.config[subcommand]
         for key in IDENTITY:
             if key in saved:
                 config.model[key] = saved[key]
+        saved_data = checkpoint.get("datamodule_hyper_parameters", {})
+        given = {a.split("=", 1)[0] for a in self._argv}
+        for key in DATA_RENDERING:
+            if key in saved_data and f"--data.{key}" not in given:
+                config.data[key] = saved_data[key]
         config.data.model_name_or_path = config.model.model_name_or_path
         config.data.gguf_file = config.model.gguf_file
 

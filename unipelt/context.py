@@ -37,10 +37,12 @@ _ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "token_weights", "prefix", "gates", "record", "masks", "previous")
+    __slots__ = ("owner", "token_weights", "prefix", "gates", "record", "masks", "previous", "causal")
 
-    def __init__(self, owner: int, token_weights: torch.Tensor, prefix: torch.Tensor | None) -> None:
+    def __init__(self, owner: int, token_weights: torch.Tensor, prefix: torch.Tensor | None,
+                 causal: bool = False) -> None:
         self.owner = owner  # id() of the base model whose forward this is
+        self.causal = causal  # decoders: gates stay per token
         self.token_weights = token_weights  # (batch, tokens), rows sum to 1 over real tokens
         self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
@@ -49,12 +51,21 @@ class ForwardContext:
         self.previous: ForwardContext | None = None
 
     def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens."""
-        return torch.einsum("btn,bt->bn", per_token, self.token_weights)
+        """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens; causal
+        models keep one gate per token (a position's gate reads that position only)."""
+        if self.causal:
+            return per_token
+        return torch.einsum("btn,bt->bn", per_token, self.token_weights.to(per_token.dtype))
+
+    def per_example(self, gates: torch.Tensor) -> torch.Tensor:
+        """What gate_values() reports: (batch, n); per-token gates averaged over real tokens."""
+        if gates.dim() == 2:
+            return gates
+        return torch.einsum("btn,bt->bn", gates.float(), self.token_weights.float())
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
-        ctx = ForwardContext(self.owner, self.token_weights, self.prefix)
+        ctx = ForwardContext(self.owner, self.token_weights, self.prefix, self.causal)
         ctx.record = self.record
         return ctx
 
@@ -91,7 +102,7 @@ def token_weights(mask: torch.Tensor | None, reference: torch.Tensor, dtype: tor
     if mask.dim() != 2:
         raise PELTError(f"unipelt needs a 2D (batch, tokens) attention_mask of 0/1, got shape "
                         f"{tuple(mask.shape)}")
-    weights = mask.to(dtype)
+    weights = mask[:, -tokens:].to(dtype)  # with a KV cache the mask also covers past tokens
     return weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
 
 

@@ -31,8 +31,10 @@ class GateBank(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, hidden) -> (batch, n) gate values."""
-        return current().reduce(torch.sigmoid(self.proj(x)))
+        """(batch, tokens, hidden) -> (batch, n) gate values ((batch, tokens, n) in causal models).
+
+        The sigmoid runs in float32 (stable under bf16 autocast); the gates take x's dtype."""
+        return current().reduce(torch.sigmoid(self.proj(x).float())).to(x.dtype)
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)``, computed once per forward however many submodules read it."""
@@ -41,7 +43,7 @@ class GateBank(nn.Module):
         if gates is None:
             gates = self(x)
             ctx.gates[self] = gates
-            ctx.record[self] = gates.detach()
+            ctx.record[self] = ctx.per_example(gates.detach())
         return gates
 
     def cached(self) -> torch.Tensor:
@@ -60,11 +62,16 @@ class GateSlot:
         self.index = index
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch,) gate values for the input ``x`` of the bank."""
-        return self.bank.values(x)[:, self.index]
+        """(batch,) gate values for the input ``x`` of the bank ((batch, tokens) when causal)."""
+        return self.bank.values(x)[..., self.index]
 
     def cached(self) -> torch.Tensor:
-        return self.bank.cached()[:, self.index]
+        return self.bank.cached()[..., self.index]
+
+
+def scale(gate: torch.Tensor) -> torch.Tensor:
+    """A gate shaped to scale (batch, tokens, features): (batch,) -> (batch, 1, 1), (batch, tokens) -> (b, t, 1)."""
+    return gate[:, None, None] if gate.dim() == 1 else gate[..., None]
 
 
 class GateRequests:

@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..backbones import LayerOutput, PostLNOutput, PostLNSublayer
+from ..backbones import LayerOutput, MLPOutput, PostLNOutput, PostLNSublayer
 from ..errors import PELTError
-from ..gates import GateSlot
+from ..gates import GateSlot, scale
 from .base import Target, TunerConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -39,7 +39,7 @@ class Adapter(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         out = self.up(self.act(self.down(a)))
         if self.gate is not None:
-            out = out * self.gate(a)[:, None, None]
+            out = out * scale(self.gate(a))
         return out
 
 
@@ -71,6 +71,19 @@ class AdapterSublayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base(x)
         return h + self.adapter(self._norm[0](h + x))
+
+
+class AdapterMLP(nn.Module):
+    """A pre-norm block's MLP ``base`` with the adapter on its output: ``h + adapter(h)``, ``h = base(x)``."""
+
+    def __init__(self, base: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        return h + self.adapter(h)
 
 
 def _after_layer(layer: nn.Module, args: Any, output: Any) -> Any:
@@ -105,6 +118,9 @@ class AdapterConfig(TunerConfig):
                 parent, child = _split(layer, site.sublayer)
                 setattr(parent, child, AdapterSublayer(getattr(parent, child), adapter,
                                                        layer.get_submodule(site.norm)))
+            elif isinstance(site, MLPOutput):
+                parent, child = _split(layer, site.mlp)
+                setattr(parent, child, AdapterMLP(getattr(parent, child), adapter))
             elif isinstance(site, LayerOutput):
                 layer.add_module("adapter", adapter)
                 layer.register_forward_hook(_after_layer)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import PELTError
-from ..gates import GateSlot
+from ..gates import GateSlot, scale
 from .base import Target, TunerConfig
 
 TARGETS = ("query", "key", "value")
@@ -65,7 +65,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.lora_A(self.dropout(x))
-        z = z * (self.gate(x)[:, None, None] if self.gate is not None else self.scaling)
+        z = z * (scale(self.gate(x)) if self.gate is not None else self.scaling)
         return self.base(x) + self.lora_B(z)
 
 
@@ -82,8 +82,9 @@ class FusedLoRALinear(nn.Module):
         self.slices = dict(slices)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        in_features = base.weight.shape[0] if _is_conv1d(base) else base.in_features
         for t, sl in self.slices.items():
-            self.lora_A[t], self.lora_B[t] = _pair(base.in_features, sl.stop - sl.start, r)
+            self.lora_A[t], self.lora_B[t] = _pair(in_features, sl.stop - sl.start, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / r
         self.r = r
@@ -112,7 +113,7 @@ class FusedLoRALinear(nn.Module):
         parts = []
         for (t, sl), zt in zip(self.slices.items(), z, strict=True):
             gate = self.gates[t]
-            zt = zt * (gate(x)[:, None, None] if gate is not None else self.scaling)
+            zt = zt * (scale(gate(x)) if gate is not None else self.scaling)
             parts.append((sl, self.lora_B[t](zt)))
         # rebuild y with each target's slice updated (no in-place write into the base output)
         pieces, start = [], 0
@@ -121,6 +122,11 @@ class FusedLoRALinear(nn.Module):
             start = sl.stop
         pieces.append(y[..., start:])
         return torch.cat(pieces, dim=-1)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: ``x @ W + b`` with W (in, out), the transpose of a Linear's."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _check(target: str, targets: tuple[str, ...]) -> None:
