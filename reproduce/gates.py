@@ -34,14 +34,14 @@ def mean_gates(records: list[dict]) -> dict[tuple[str, str], dict[str, dict[tupl
 
 
 def plot_gates(records: list[dict], out_dir: Path) -> list[Path]:
-    """One PNG per (K, gated method), with a panel per task; returns the written paths."""
-    try:
-        import matplotlib
+    """One PNG per (K, gated method), with a panel per task; returns the written paths.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise SystemExit("gate heatmaps need matplotlib: pip install matplotlib") from e
+    Raises ImportError without matplotlib (an optional dependency)."""
+    import matplotlib  # ImportError: the caller says what it skipped
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     paths = []
     for (k, method), by_task in sorted(mean_gates(records).items()):
         tasks = [t for t in TASKS if t in by_task]

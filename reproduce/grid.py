@@ -24,13 +24,38 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 
 from . import locks
+from .results import portable
 from .tasks import METHODS, TASKS, k_tag
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # a checkout, or site-packages when installed
 LOG_TAIL_LINES = 40
+
+
+def shipped_configs() -> Path:
+    """The ``<task>_<k>.yaml`` configs: package data of the installed ``configs`` package, found
+    with importlib.resources (an editable install made before they shipped: the checkout's folder)."""
+    try:
+        return Path(str(resources.files("configs")))
+    except ModuleNotFoundError:
+        return REPO_ROOT / "configs"
+
+
+def default_cli() -> list[str]:
+    """How each run starts. From a checkout: its ``cli.py`` (so a run uses the code beside this one);
+    from an installed package: the ``unipelt`` entry point installed beside this Python, else the
+    installed ``cli`` module's file. Nothing depends on a checkout being there."""
+    if (REPO_ROOT / "setup.cfg").is_file() and (REPO_ROOT / "cli.py").is_file():
+        return [sys.executable, str(REPO_ROOT / "cli.py")]
+    script = Path(sys.executable).parent / ("unipelt.exe" if os.name == "nt" else "unipelt")
+    if script.is_file():
+        return [str(script)]
+    import cli
+
+    return [sys.executable, str(Path(cli.__file__).resolve())]
 
 
 @dataclass(frozen=True)
@@ -59,8 +84,8 @@ class GridOptions:
     """Everything that shapes a run's command and the grid's scheduling."""
 
     out: Path
-    cli: list[str] = field(default_factory=lambda: [sys.executable, str(REPO_ROOT / "cli.py")])
-    configs_dir: Path = REPO_ROOT / "configs"
+    cli: list[str] = field(default_factory=default_cli)
+    configs_dir: Path = field(default_factory=shipped_configs)
     data_dir: str | None = None
     model: str | None = None
     extra_args: list[str] = field(default_factory=list)
@@ -225,6 +250,7 @@ def execute(
             k_shot=None if run.k == "full" else int(run.k),
             seed=run.seed,
         )
+    record = portable(record, opts.cwd or Path.cwd())  # paths from the grid's folder, not this machine's root
     write_json_atomic(run_dir / "metrics.json", record)
     return record
 
@@ -474,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="JSON file {'lora': [args...], 'rte:lora': [args...]} of per-method CLI args",
     )
-    p.add_argument("--cli", help=f"command that runs the CLI (default: {sys.executable} cli.py)")
-    p.add_argument("--configs", type=Path, default=REPO_ROOT / "configs", help="folder of <task>_<k>.yaml")
+    p.add_argument("--cli", help="command that runs the CLI (default: the checkout's cli.py, else `unipelt`)")
+    p.add_argument("--configs", type=Path, help="folder of <task>_<k>.yaml (default: the configs shipped with unipelt)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of unfinished runs and exit")
     return p
 
@@ -518,7 +544,7 @@ def main(argv: Sequence[str]) -> int:
     )
     opts = GridOptions(
         out=args.out.resolve(),
-        configs_dir=args.configs.resolve(),
+        configs_dir=(args.configs or shipped_configs()).resolve(),
         data_dir=args.data_dir,
         model=args.model,
         extra_args=extra,

