@@ -1,30 +1,58 @@
-"""`python cli.py fit|validate|test --config configs/rte_k100.yaml`: UniPELT on GLUE through LightningCLI.
+"""`python cli.py fit|validate|test|predict`: UniPELT on a GLUE task or your own data, through LightningCLI.
 
 `fit` trains, keeps the best checkpoint by the task's main dev metric, then tests that checkpoint,
-prints a summary and writes it to `<trainer.default_root_dir>/summary.json`. The console script
-`unipelt` is this file; `unipelt reproduce`, `unipelt select` and `unipelt report` run the paper's grid (reproduce/).
+prints a summary and writes it to `<trainer.default_root_dir>/summary.json`. `validate`, `test` and
+`predict` take their settings from `--ckpt_path` (flags given on the command line win); `predict`
+writes `--predictions`. The console script `unipelt` is this file; `unipelt reproduce`, `unipelt
+select` and `unipelt report` run the paper's grid (reproduce/).
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import os
-import re
 import sys
-import tempfile
-import time
-from pathlib import Path
-from typing import Any
 
-import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_only
+TOP_HELP = """usage: unipelt [-h] {fit,validate,test,predict,reproduce,select,report} ...
 
-from datamodules import DataConfigError, GLUEDataModule
-from lightning_modules import (
+UniPELT (Mao et al., ACL 2022): gated adapter, prefix-tuning and LoRA on a frozen encoder.
+
+commands:
+  fit        train on a GLUE task (--data.task) or your files (--data.train_file), then test the best checkpoint
+  validate   score a checkpoint on the validation split (--ckpt_path; its settings are read from it)
+  test       score a checkpoint on the test split(s) (--ckpt_path)
+  predict    predict --data.predict_file, or GLUE's unlabeled test set, into --predictions (--ckpt_path)
+  reproduce  run the paper's grid of tasks x K x methods x seeds
+  select     pick each method's learning rate from a sweep's dev scores
+  report     compare a grid with the paper's tables
+
+`unipelt COMMAND --help` lists a command's options; start with: unipelt fit --config configs/quickstart.yaml
+"""
+
+
+def _top_level_help(argv: list[str]) -> bool:
+    """`cli.py`, `cli.py -h`: answered without importing torch or Lightning (seconds saved on every look)."""
+    return not argv or argv[0] in ("-h", "--help")
+
+
+if sys.argv and sys.argv[0].rsplit("/", 1)[-1] in ("cli.py", "unipelt") and _top_level_help(sys.argv[1:]):
+    print(TOP_HELP, end="")
+    sys.exit(0)
+
+import inspect  # noqa: E402 - after the fast help path
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from pytorch_lightning.utilities import rank_zero_only  # noqa: E402
+
+from datamodules import DataConfigError, HubUnreachableError, TextDataModule  # noqa: E402
+from lightning_modules import (  # noqa: E402
     AtomicCheckpointIO,
     CheckpointFileError,
     CheckpointMismatchError,
@@ -33,7 +61,8 @@ from lightning_modules import (
     UniPELTLightningModule,
     load_checkpoint_file,
 )
-from unipelt import PELTError, pelt_state_dict
+from lightning_modules.predictions import write_predictions  # noqa: E402
+from unipelt import PRESETS, PELTError, save_pretrained  # noqa: E402
 
 SUMMARY_FILE = "summary.json"
 
@@ -58,7 +87,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 DIVERGED_EXIT_CODE = 1
 # `ckpt_path` values Lightning resolves itself; anything else is a file.
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
-_DATA_OPTIONS = frozenset(inspect.signature(GLUEDataModule.__init__).parameters) - {"self"}
+_DATA_OPTIONS = frozenset(inspect.signature(TextDataModule.__init__).parameters) - {"self"}
+HUB_EXIT_CODE = 1  # the network, not the input: exit code 2 stays for bad input
+# Settings a checkpoint's own record gives validate/test/predict (flags win): not links, not run-time state.
+_LINK_TARGETS = {"model.task", "data.model_name_or_path"}
 
 
 def user_message(err: BaseException) -> str:
@@ -97,23 +129,107 @@ def default_run_dir(config: Any) -> Path:
     """One folder per distinct run, so that a method or seed switched on the command line never
     lands in another run's folder: runs/<task>_<k>/<method>/split<data seed>_seed<training seed>."""
     size = "full" if config.data.k_shot is None else f"k{config.data.k_shot}"
-    task = str(config.data.task).lower().replace("-", "")
+    if config.data.task is not None:
+        task = str(config.data.task).lower().replace("-", "")
+    else:  # your own files: --data.name, else the training file's name
+        from datamodules.text import _task_name
+
+        task = config.data.name or (_task_name(config.data.train_file) if config.data.train_file else "custom")
     return (
-        Path("runs") / f"{task}_{size}" / config.model.method / f"split{config.data.seed}_seed{config.seed_everything}"
+        Path("runs")
+        / f"{task}_{size}"
+        / str(config.model.method).lower()
+        / f"split{config.data.seed}_seed{config.seed_everything}"
     )
 
 
+def _task_for_model(dm: Any) -> str | dict[str, Any]:
+    """What the data module tells the model: a GLUE task's name, or your task's full description."""
+    return dm.task_info.name if dm.task_info.is_glue else dm.task_info.to_dict()
+
+
+def checkpoint_defaults(subcommand: str, ckpt_path: str) -> dict[str, Any]:
+    """The run a checkpoint records, as parser defaults for validate/test/predict (so flags still win):
+    backbone, method and its settings, the task or label set, text fields and data settings."""
+    checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
+    model = dict(checkpoint.get("hyper_parameters") or {})
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    defaults = {f"model.{k}": v for k, v in model.items() if not k.startswith("_")}
+    defaults.update({f"data.{k}": v for k, v in data.items() if not k.startswith("_")})
+    task = model.get("task")
+    if isinstance(task, dict) and not task.get("is_glue", False):
+        # The label set and fields as trained: predicting needs no training file, testing keeps its order.
+        defaults.update({
+            "data.name": task["name"],
+            "data.labels": list(task["label_names"]) or None,
+            "data.regression": bool(task["is_regression"]),
+            "data.text_fields": list(task["text_fields"]),
+        })
+        if subcommand == "predict":
+            for key in ("train_file", "validation_file", "test_file"):
+                defaults[f"data.{key}"] = None
+    if subcommand == "predict":
+        defaults["data.predict_file"] = None  # never the file of an earlier predict
+    return {k: v for k, v in defaults.items() if k not in _LINK_TARGETS}
+
+
+def _find_ckpt_path(argv: list[str]) -> tuple[str | None, str | None]:
+    """(subcommand, --ckpt_path) from the raw arguments, before the parser exists."""
+    subcommand = next((a for a in argv if a in ("fit", "validate", "test", "predict")), None)
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return subcommand, argv[i + 1]
+        if arg.startswith("--ckpt_path="):
+            return subcommand, arg.split("=", 1)[1]
+    return subcommand, None
+
+
+def run_folder_of(ckpt_path: str) -> Path:
+    """`<run>/checkpoints/best.ckpt` -> `<run>`; a checkpoint elsewhere -> its own folder."""
+    path = Path(ckpt_path)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 class UniPELTCLI(LightningCLI):
+    def __init__(self, *args: Any, ckpt_defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.ckpt_defaults = ckpt_defaults or {}
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # State each thing once: the backbone also gives the tokenizer, the task also sets labels/metrics.
+        # State each thing once: the backbone also gives the tokenizer; the data gives the task, its
+        # labels and metrics (a GLUE task's name, or the task read from your files).
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
-        parser.link_arguments("data.task", "model.task")
+        parser.link_arguments("data", "model.task", compute_fn=_task_for_model, apply_on="instantiate")
         parser.add_argument(
             "--overwrite",
             type=bool,
             default=False,
             help="Allow `fit` into a default_root_dir that already holds a finished run's summary.json.",
         )
+        method = next(a for a in parser._actions if a.dest == "model.method")
+        method.help = f"the method, a preset (case-insensitive): {', '.join(PRESETS)}. (default: unipelt_apl)"
+        method.metavar = "{" + ",".join(PRESETS) + "}"
+        # One train-loss point per optimizer step: few-shot runs have a handful of steps per epoch.
+        # Lightning's model table counts parameters its own way; the summary gives the one figure we use.
+        parser.set_defaults({"trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False})
+        for key, value in self.ckpt_defaults.items():
+            try:
+                parser.set_defaults({key: value})
+            except (KeyError, TypeError, ValueError):  # a setting this version no longer has: its default stays
+                pass
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--predictions",
+                type=str | None,
+                default=None,
+                help="Where predictions go: with --data.predict_file a .csv, .tsv or .jsonl file (input columns, "
+                "prediction, prob_<label>); for a GLUE task a folder of leaderboard files (RTE.tsv, ...). "
+                "Default: <run folder>/predictions/.",
+            )
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         """Lightning would load the checkpoint's hyperparameters over the command line here (a pickle
@@ -127,6 +243,13 @@ class UniPELTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        if self.subcommand == "predict":
+            if config.trainer.devices not in ("auto", 1, "1", None) or config.trainer.num_nodes != 1:
+                raise UsageError("predict runs on one device: pass --trainer.devices 1")
+            config.trainer.logger = False  # predicting leaves no version_N folder in the run folder
+            config.trainer.devices = 1
+            if config.trainer.default_root_dir is None and config.ckpt_path:
+                config.trainer.default_root_dir = str(run_folder_of(config.ckpt_path))
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(default_run_dir(config))
         if self.subcommand == "fit":
@@ -179,6 +302,7 @@ class UniPELTCLI(LightningCLI):
                 f"positions of --model.model_name_or_path {str(path)!r}"
             )
         if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP: the other ranks wait for it inside the trainer
+            dm.stage = self.subcommand
             dm.prepare_data()
         self._check_ckpt_path()
 
@@ -212,6 +336,28 @@ class UniPELTCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._check_inputs()
+
+    def before_predict(self) -> None:
+        self._check_inputs()
+        target = self.config.predict.get("predictions")
+        if self.datamodule.predict_file is not None and target is not None and Path(target).suffix.lower() not in (
+            ".csv",
+            ".tsv",
+            ".jsonl",
+            ".json",
+        ):
+            raise UsageError(f"--predictions {target!r}: give a .csv, .tsv or .jsonl file for --data.predict_file")
+
+    def predict(self, **kwargs: Any) -> None:
+        outputs = self.trainer.predict(**kwargs)
+        dm = self.datamodule
+        target = self.config.predict.get("predictions")
+        if target is None:
+            folder = Path(self.trainer.default_root_dir) / "predictions"
+            target = str(folder / f"{Path(dm.predict_file).stem}.csv") if dm.predict_file else str(folder)
+        written = write_predictions(outputs, dm, self.model.task_info, Path(target))
+        for path in written:
+            print(f"predictions: {path}", flush=True)
 
     def fit(self, **kwargs: Any) -> None:
         try:
@@ -259,9 +405,19 @@ class UniPELTCLI(LightningCLI):
         timer = next(c for c in trainer.callbacks if isinstance(c, EpochTimer))
         test = {k: float(v) for r in results for k, v in r.items() if not k.endswith("/loss")}
         export = None
-        if model.hparams.method != "finetune":
-            export = log_dir / "pelt_weights.pt"
-            torch.save(pelt_state_dict(model.model), export)
+        if model.hparams.method != "finetune":  # fine-tuning: the checkpoint is the model
+            export = save_pretrained(
+                model.model,
+                Path(trainer.default_root_dir) / "export",
+                base_model_name_or_path=str(model.hparams.model_name_or_path),
+                task=model.task_info.name,
+                k_shot=dm.hparams.k_shot,
+                metrics=test,
+                gates=model.last_test_gates,
+            )
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        groups = optimizer.param_groups if optimizer is not None else [{}]
+        learning_rate = groups[0].get("initial_lr", groups[0].get("lr", model.learning_rate))
         summary = {
             "task": model.task_info.name,
             "k_shot": dm.hparams.k_shot,
@@ -269,7 +425,10 @@ class UniPELTCLI(LightningCLI):
             "data_seed": dm.hparams.seed,
             "seed": self.config.fit.seed_everything,
             "model_name_or_path": str(model.hparams.model_name_or_path),
-            "learning_rate": model.learning_rate,
+            "learning_rate": float(learning_rate),
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "labels": list(model.task_info.label_names),
+            "test_split": "validation" if getattr(dm, "test_is_validation", False) else "test",
             "best_val": {"name": model.main_metric, "value": best_score},
             "test": test,
             "best_checkpoint": best,
@@ -285,6 +444,12 @@ class UniPELTCLI(LightningCLI):
         }
         write_json_atomic(Path(trainer.default_root_dir) / SUMMARY_FILE, summary)
         print_summary(summary)
+        if summary["gates"]:
+            from lightning_modules.gate_plot import plot_gate_heatmap
+
+            title = f"{summary['task']} K={summary['k_shot'] or 'full'} {summary['method']}: mean gate on the test set"
+            png = plot_gate_heatmap(summary["gates"], Path(trainer.default_root_dir) / "gates.png", title)
+            print(f"gates      : {png}" if png else "gates      : (no heatmap: pip install matplotlib)", flush=True)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -295,10 +460,12 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"(split seed {summary['data_seed']}, training seed {summary['seed']}) ==",
         f"best dev   : {best['name']} = {best['value'] if best['value'] is None else round(best['value'], 4)}",
         *(f"test       : {k} = {v:.4f}" for k, v in sorted(summary["test"].items())),
+        *(["(no test file: the test scores are the validation split's)"] if summary["test_split"] != "test" else []),
         f"checkpoint : {summary['best_checkpoint'] or '(none)'}",
         f"weights    : {summary['exported_weights'] or '(fine-tuning: the checkpoint is the model)'}",
-        f"trainable  : {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
-        f"({100 * summary['trainable_params'] / summary['total_params']:.2f}%)",
+        f"trainable  : {summary['trainable_params']:,} parameters, {summary['trainable_pct']:.2f}% of the "
+        f"backbone's {summary['backbone_params']:,}",
+        f"optimizer  : {summary['optimizer']}, learning rate {summary['learning_rate']:g}",
         f"time       : fit {summary['fit_time_s']:.1f}s over {summary['epochs']} epochs, "
         f"test {summary['test_time_s']:.1f}s",
     ]
@@ -307,18 +474,55 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def build_cli(args: list[str] | None, run: bool = True) -> UniPELTCLI:
     """The CLI object (tests and the grid runner reach trainer, model and datamodule through it)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    subcommand, ckpt_path = _find_ckpt_path(argv)
+    defaults = {}
+    if subcommand in ("validate", "test", "predict") and ckpt_path and ckpt_path not in _SPECIAL_CKPT:
+        defaults = checkpoint_defaults(subcommand, ckpt_path)
+    _quiet_libraries()
     return UniPELTCLI(
         UniPELTLightningModule,
-        GLUEDataModule,
+        TextDataModule,
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        parser_kwargs={"description": TOP_HELP.split("\n\n")[1]},
+        ckpt_defaults=defaults,
     )
+
+
+def _quiet_libraries() -> None:
+    """No advertising and no bars for work that takes milliseconds; warnings a user can act on stay."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("LITMODELS_DISABLE_TIPS", "1")
+    for message in (
+        ".*tensorboardX.*",  # we attach our own loggers (CSV, TensorBoard when installed)
+        ".*isinstance\\(treespec, LeafSpec\\).*",  # Lightning internals vs torch's pytree
+        ".*callbacks used to create the checkpoint need to be provided.*",  # only fit uses them
+        ".*will save all targets and predictions in the buffer.*",  # Spearman on dev/test-sized sets: by design
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" for a few dozen tensors
+
+
+class _NoTips:
+    def filter(self, record: Any) -> bool:
+        text = str(record.getMessage())
+        return not (text.startswith("💡 Tip") or "litmodels" in text or "LitLogger" in text)
 
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
+    if _top_level_help(argv):
+        print(TOP_HELP, end="")
+        sys.exit(0)
     if argv and argv[0] in ("reproduce", "select", "report"):
         from reproduce import main as reproduce_main
 
@@ -331,6 +535,9 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
+    except HubUnreachableError as err:
+        print(f"error: {user_message(err)}", file=sys.stderr)
+        sys.exit(HUB_EXIT_CODE)
     except TrainingDiverged as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT_CODE)

@@ -5,9 +5,13 @@ selection and early stopping run on the dev split every epoch. The method is swi
 command line (`--model.method lora`); its learning rate defaults per method (lightning_modules).
 """
 
+import sys
 from pathlib import Path
 
-TASKS = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datamodules.tasks import GLUE_TASKS  # noqa: E402 - the one task table
+
+TASKS = list(GLUE_TASKS)
 SIZES = {"k100": (100, 50), "k500": (500, 30), "k1000": (1000, 20), "full": (None, 10)}
 
 TEMPLATE = """\
@@ -17,7 +21,7 @@ seed_everything: 0            # training seed (init, dropout, batch order); the 
 trainer:
   max_epochs: {epochs}
   deterministic: warn
-  log_every_n_steps: 10
+  log_every_n_steps: {log_every}  # train loss every N optimizer steps (every step at few-shot sizes)
   # default_root_dir: unset = runs/<task>_<k>/<method>/split<data.seed>_seed<seed_everything>
 model:
   model_name_or_path: bert-base-uncased
@@ -46,6 +50,7 @@ def main() -> None:
                 name=name,
                 k="null" if k is None else k,
                 epochs=epochs,
+                log_every=50 if k is None else 1,
                 size_text="full training data" if k is None else f"K={k} training examples",
             )
             (out / f"{name}.yaml").write_text(text)

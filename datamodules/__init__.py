@@ -1,22 +1,38 @@
-"""GLUE data for UniPELT: the eight tasks, the paper's few-shot protocol, local files or the hub."""
+"""Data for UniPELT: the eight GLUE tasks or your own files, the paper's few-shot protocol, rows to predict."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from datamodules.errors import DataConfigError
-from datamodules.tasks import GLUE_TASKS, TaskInfo, get_task
+from datamodules.hub import HubUnreachableError
+from datamodules.tasks import GLUE_TASKS, TaskInfo, custom_task, get_task, task_from
 
 if TYPE_CHECKING:
     from datamodules.glue import GLUEDataModule
+    from datamodules.text import TextDataModule
 
-__all__ = ["DataConfigError", "GLUEDataModule", "GLUE_TASKS", "TaskInfo", "get_task"]
+__all__ = [
+    "DataConfigError",
+    "GLUEDataModule",
+    "GLUE_TASKS",
+    "HubUnreachableError",
+    "TaskInfo",
+    "TextDataModule",
+    "custom_task",
+    "get_task",
+    "task_from",
+]
 
 
 def __getattr__(name: str) -> Any:
-    """GLUEDataModule pulls in Lightning and transformers: import it on first use (keeps tasks light)."""
+    """The data modules pull in Lightning and transformers: import them on first use (keeps tasks light)."""
     if name == "GLUEDataModule":
         from datamodules.glue import GLUEDataModule
 
         return GLUEDataModule
+    if name == "TextDataModule":
+        from datamodules.text import TextDataModule
+
+        return TextDataModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

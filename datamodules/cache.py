@@ -36,12 +36,16 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tokenize(ds: Dataset, tokenizer: Any, task: TaskInfo, max_seq_length: int, fingerprint: str) -> Dataset:
+def tokenize(
+    ds: Dataset, tokenizer: Any, task: TaskInfo, max_seq_length: int, fingerprint: str, split: str = ""
+) -> Dataset:
     """Batched fast-tokeniser call, unpadded (the collator pads per batch); keeps model inputs + labels."""
     label_type = np.float32 if task.is_regression else np.int64
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         encoded = tokenizer(*(batch[f] for f in task.text_fields), truncation=True, max_length=max_seq_length)
+        if "label" not in batch:  # rows to predict: their position instead, to put the outputs back in order
+            return {**encoded, "idx": np.asarray(batch["idx"], dtype=np.int64)}
         return {**encoded, "labels": np.asarray(batch["label"], dtype=label_type)}
 
     # An explicit fingerprint spares datasets from hashing the tokenizer (slow); keep_in_memory
@@ -53,7 +57,7 @@ def tokenize(ds: Dataset, tokenizer: Any, task: TaskInfo, max_seq_length: int, f
         remove_columns=ds.column_names,
         keep_in_memory=True,
         new_fingerprint=fingerprint,
-        desc=f"Tokenising {task.name}",
+        desc=f"Tokenising {task.name} {split}".rstrip(),
     )
 
 
@@ -62,7 +66,16 @@ def load_or_build(path: Path, build: Callable[[], Dataset]) -> Dataset:
     if not (path / "dataset_info.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-        build().save_to_disk(str(tmp))
+        data = build()
+        import datasets
+
+        was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a bar per split for copying a few MB to disk is noise
+        try:
+            data.save_to_disk(str(tmp))
+        finally:
+            if was_enabled:
+                datasets.enable_progress_bars()
         try:
             os.rename(tmp, path)
         except OSError:  # another process published it first

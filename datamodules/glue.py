@@ -71,7 +71,7 @@ class GLUEDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.task_info: TaskInfo = get_task(task)
+        self.task_info: TaskInfo = self._resolve_task(task)
         self.num_labels: int = self.task_info.num_labels
         for name, value, low in (
             ("k_shot", k_shot, 1),
@@ -91,19 +91,38 @@ class GLUEDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         if data_dir is not None:  # fail in __init__, before any training starts
-            for split in raw_splits(self.task_info):
-                split_files(self.task_info, split, data_dir)
-            if k_shot is not None:
-                rows = count_rows(self.task_info, "train", data_dir)
-                check_split_size(k_shot, dev_size, rows, f"{self.task_info.name} train")
+            self._check_sources()
         self._tokenizer: Any = None
         self._raw_memo: dict[str, Dataset] = {}  # raw splits, only while _load runs
         self.datasets: dict[str, Dataset] = {}
 
+    def _resolve_task(self, task: Any) -> TaskInfo:
+        return get_task(task)
+
+    def _check_sources(self, splits: tuple[str, ...] | None = None) -> None:
+        """The local files of `splits` (default: every labelled split) exist, and K + dev_size fits in train."""
+        assert self.data_dir is not None
+        wanted = raw_splits(self.task_info) if splits is None else splits
+        for split in wanted:
+            split_files(self.task_info, split, self.data_dir)
+        if self.k_shot is not None and "train" in wanted:
+            rows = count_rows(self.task_info, "train", self.data_dir)
+            check_split_size(self.k_shot, self.dev_size, rows, f"{self.task_info.name} train")
+
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, use_fast=True)
+            from datamodules.hub import MODEL_HINT, prepare_for, resolve_local, unreachable
+
+            prepare_for(self.model_name_or_path)
+            try:
+                path = resolve_local(self.model_name_or_path)
+                self._tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+            except Exception:
+                hub = unreachable(str(self.model_name_or_path), "--model.model_name_or_path", MODEL_HINT)
+                if hub is not None:
+                    raise hub from None
+                raise
         return self._tokenizer
 
     @property
@@ -182,6 +201,9 @@ class GLUEDataModule(pl.LightningDataModule):
             )
         return plan
 
+    def _fingerprint(self, rows: dict[str, Any]) -> str:
+        return source_fingerprint(self.task_info, rows["split"], self.data_dir)
+
     def _raw(self, split: str) -> Dataset:
         if split not in self._raw_memo:
             self._raw_memo[split] = load_raw_split(self.task_info, split, self.data_dir)
@@ -202,13 +224,14 @@ class GLUEDataModule(pl.LightningDataModule):
                 key = cache_key(
                     task=task.name,
                     rows=rows,
-                    source=source_fingerprint(task, rows["split"], self.data_dir),
+                    source=self._fingerprint(rows),
                     tokenizer=tokenizer_identity(tokenizer),
                     max_seq_length=self.max_seq_length,
                 )
-                path = self.cache_dir / task.name / f"{label}-{key}"
+                path = self.cache_dir / (task.name if task.is_glue else "custom") / f"{label}-{key}"
                 loaded[name] = load_or_build(
-                    path, lambda b=build_raw, k=key: tokenize(b(), tokenizer, task, self.max_seq_length, k)
+                    path,
+                    lambda b=build_raw, k=key, n=name: tokenize(b(), tokenizer, task, self.max_seq_length, k, n),
                 )
         finally:
             self._raw_memo = {}

