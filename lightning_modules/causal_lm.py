@@ -24,14 +24,15 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_modules.checkpointing import ExactResume, LastCheckpoint
+from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
 from lightning_modules.unipelt_module import (
+    CheckpointMismatchError,
     ModelConfigError,
     UniPELTLightningModule,
     _check_options,
-    backbone_fingerprint,
 )
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, spec_for
+from unipelt.io import check_identity, identity
 
 TASK = "instruct"  # what checkpoints record as their task
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -212,22 +213,26 @@ class CausalLMModule(pl.LightningModule):
     trainable_parameter_names = UniPELTLightningModule.trainable_parameter_names
     on_save_checkpoint = UniPELTLightningModule.on_save_checkpoint
     on_load_checkpoint = UniPELTLightningModule.on_load_checkpoint
-    check_checkpoint = UniPELTLightningModule.check_checkpoint
 
     def checkpoint_identity(self) -> dict[str, Any]:
-        cfg = self.model.config
-        return {
-            "method": self.hparams.method,
-            "pelt_config": self.pelt_config.to_dict(),
-            "task": TASK,
-            "backbone": {
-                "model_name_or_path": str(self.hparams.model_name_or_path),
-                "model_type": cfg.model_type,
-                "hidden_size": cfg.hidden_size,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "fingerprint": backbone_fingerprint(self.model),
-            },
-        }
+        """unipelt.io's identity (method, PELT config, backbone) and the task, ``instruct``."""
+        return {**identity(self.model, str(self.hparams.model_name_or_path)), "task": TASK}
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raise CheckpointMismatchError naming what differs (method, backbone, task) if `checkpoint` is not ours."""
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
+        try:
+            check_identity(saved, self.model)  # the same check as unipelt.from_pretrained
+        except PELTError as err:
+            raise CheckpointMismatchError(str(err)) from None
+        if saved.get("task") != TASK:
+            raise CheckpointMismatchError(f"task differs: the checkpoint was trained on {saved.get('task')!r}, "
+                                          f"not on instruction data")
+        missing = self.trainable_parameter_names - set(checkpoint.get("state_dict", {}))
+        if missing:
+            raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {min(missing)}")
 
     def parameter_counts(self) -> dict[str, int]:
         return {"trainable_params": count_trainable(self.model),

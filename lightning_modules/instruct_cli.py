@@ -114,6 +114,8 @@ class InstructCLI(UniPELTCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "predict":
+            config.trainer.logger = False  # predicting leaves no version_N folder
         if config.trainer.default_root_dir is None:
             size = "full" if config.data.k_shot is None else f"k{config.data.k_shot}"
             config.trainer.default_root_dir = str(
@@ -129,6 +131,13 @@ class InstructCLI(UniPELTCLI):
 
     def before_predict(self) -> None:
         self._check_inputs()
+        target = self.config.predict.get("predictions")  # cli.py's --predictions: the JSON Lines file
+        if target is not None:
+            self.model.hparams.predict_output = target
+
+    def predict(self, **kwargs: Any) -> None:
+        self.trainer.predict(**{**kwargs, "return_predictions": False})
+        print(f"generations: {self.model.predictions_path}", flush=True)
 
     def after_fit(self) -> None:
         trainer, model, dm = self.trainer, self.model, self.datamodule

@@ -70,3 +70,14 @@ def test_bad_instruction_file_is_one_line_exit_2(tiny_llama, tmp_path, capsys) -
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not progress bars
     assert len(err) == 1 and err[0].startswith("error: ") and "bad.jsonl:2: invalid JSON" in err[0]
+
+
+def test_instruct_example_config_parses(capsys) -> None:
+    import yaml
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(ROOT / "configs" / "instruct_example.yaml"), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["method"] == "unipelt_apl" and printed["data"]["prompt_field"] == "prompt"
+    assert printed["model"]["do_sample"] is False
