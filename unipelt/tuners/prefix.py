@@ -172,6 +172,9 @@ def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
     slot = module.pelt_prefix_gate
     gate = slot.cached() if slot is not None else None  # (batch, tokens)
     pk, pv = gated_prefix(module, query.shape[0], key.dtype, None)
+    if gate is not None and query.shape[2] == 1:  # one query (a generation step): scaling the prefix is exact
+        g = gate[:, 0, None, None, None].to(pk.dtype)
+        pk, pv, gate = pk * g, pv * g, None
     if kwargs.get("scaling") is None:  # doubled head dims must keep the original scale
         kwargs["scaling"] = query.shape[-1] ** -0.5
     query, key, value, attention_mask = prefix_inputs(
