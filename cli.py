@@ -528,8 +528,11 @@ def main(args: list[str] | None = None) -> None:
         from reproduce import main as reproduce_main
 
         sys.exit(reproduce_main(argv))
+    from lightning_modules.instruct_cli import build_instruct_cli, is_instruct_run  # decoders, instruction data
+
+    build = build_instruct_cli if is_instruct_run(argv) else build_cli
     try:
-        build_cli(None if args is None else argv)
+        build(None if args is None else argv)
     except USER_ERRORS as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
@@ -547,4 +550,8 @@ def _first_line(err: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the `cli` module, not `__main__`: lightning_modules.instruct_cli subclasses this file's CLI and
+    # raises its errors, which must be the classes main() catches.
+    from cli import main as cli_main
+
+    cli_main()

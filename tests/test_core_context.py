@@ -108,22 +108,22 @@ def test_a_layer_called_alone_is_a_clear_error():
         model.bert.encoder.layer[0](torch.zeros(1, 3, 32))
 
 
-def test_causal_reduction_is_a_running_mean_over_real_tokens():
+def test_causal_reduction_keeps_one_gate_per_token_and_reports_the_masked_mean():
     per_token = torch.rand(2, 5, 3)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    weights = context.token_weights(mask, per_token, torch.float32, causal=True)
-    got = context.ForwardContext(0, weights, None, causal=True).reduce(per_token)
-    for b in range(2):
-        for t in range(5):
-            real = [s for s in range(t + 1) if mask[b, s]]
-            torch.testing.assert_close(got[b, t], per_token[b, real].mean(0))
+    weights = context.token_weights(mask, per_token, torch.float32)
+    causal = context.ForwardContext(0, weights, None, causal=True)
+    got = causal.reduce(per_token)
+    assert torch.equal(got, per_token)  # a position's gate reads that position only
     later = per_token.clone()
     later[:, 3:] = 0.5  # changing later tokens leaves earlier positions' gates alone
-    again = context.ForwardContext(0, weights, None, causal=True).reduce(later)
-    assert torch.equal(again[:, :3], got[:, :3])
-    # the encoder reduction is the last position's running mean
-    encoder = context.ForwardContext(0, context.token_weights(mask, per_token, torch.float32), None)
-    torch.testing.assert_close(encoder.reduce(per_token)[0], got[0, -1])
+    assert torch.equal(causal.reduce(later)[:, :3], got[:, :3])
+    # gate_values() reports each example's mean over its real tokens: the encoder reduction
+    encoder = context.ForwardContext(0, weights, None)
+    torch.testing.assert_close(causal.per_example(got), encoder.reduce(per_token))
+    for b in range(2):
+        real = mask[b].bool()
+        torch.testing.assert_close(causal.per_example(got)[b], per_token[b, real].mean(0))
 
 
 def test_reentrant_checkpointing_needs_a_folded_prefix():

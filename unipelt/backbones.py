@@ -51,6 +51,14 @@ class PostLNSublayer:
 
 
 @dataclass(frozen=True)
+class MLPOutput:
+    """Pre-norm decoder block ``r + mlp(norm(r))``: the adapter reads the MLP's output ``h`` and
+    adds to it before the residual, ``h + g * adapter(h)``; ``mlp`` is the layer's child."""
+
+    mlp: str = "mlp"
+
+
+@dataclass(frozen=True)
 class LayerOutput:
     """Pre-norm block whose last operation is the MLP residual: the adapter follows the layer."""
 
@@ -80,12 +88,14 @@ class BackboneSpec:
     attention: str  # from a layer to the self-attention module
     projections: dict[str, str] = field(default_factory=dict)  # "query"/"key"/"value" -> Linear
     fused_qkv: str | None = None  # one Linear giving [q; k; v] (then ``projections`` is empty)
-    adapter: PostLNOutput | PostLNSublayer | LayerOutput = PostLNOutput()
+    adapter: PostLNOutput | PostLNSublayer | LayerOutput | MLPOutput = PostLNOutput()
     # None: the family calls transformers' attention interface (the prefix goes through it);
     # else a module replacing the attention module whenever unipelt changes attention
     explicit_attention: Callable[[nn.Module], nn.Module] | None = None
     no_decay: tuple[str, ...] = ("LayerNorm",)  # besides every bias
-    causal: bool = False  # decoders: gates are running means, no position sees a later token
+    # Decoders: gates per token (no position sees a later one), the prefix under the causal mask,
+    # positions from the attention mask, the language-modelling head frozen (docs/decoders.md).
+    causal: bool = False
     position_offset: Callable[[Any], int] = _no_offset
     # heads (unipelt/heads.py): a pooler inside the backbone (frozen for PELT methods; the
     # ``pooler_trainable`` head trains it) and the token a one-token head reads ("first": [CLS];
@@ -221,6 +231,10 @@ class DebertaV2Attention(nn.Module):
 _BERT = dict(layers="encoder.layer", attention="attention.self",
              projections={"query": "query", "key": "key", "value": "value"})
 
+_DECODER = dict(layers="layers", attention="self_attn",
+                projections={"query": "q_proj", "key": "k_proj", "value": "v_proj"},
+                adapter=MLPOutput(), no_decay=("norm",), causal=True, summary_token="last")
+
 BACKBONES: dict[str, BackboneSpec] = {
     "bert": BackboneSpec("bert", **_BERT, pooler="pooler"),
     "roberta": BackboneSpec("roberta", **_BERT, position_offset=_padding_offset),
@@ -235,6 +249,13 @@ BACKBONES: dict[str, BackboneSpec] = {
         "deberta-v2", layers="encoder.layer", attention="attention.self",
         projections={"query": "query_proj", "key": "key_proj", "value": "value_proj"},
         explicit_attention=DebertaV2Attention),
+    # Decoders (docs/decoders.md). GPT-2's c_attn is a Conv1D (weight (in, out)) giving [q; k; v].
+    "llama": BackboneSpec("llama", **_DECODER),
+    "mistral": BackboneSpec("mistral", **_DECODER),
+    "qwen2": BackboneSpec("qwen2", **_DECODER),
+    "qwen3": BackboneSpec("qwen3", **_DECODER),
+    "gpt2": BackboneSpec("gpt2", layers="h", attention="attn", fused_qkv="c_attn", adapter=MLPOutput(),
+                         no_decay=("ln_",), causal=True, summary_token="last"),
     "modernbert": BackboneSpec(
         "modernbert", layers="layers", attention="attn", fused_qkv="Wqkv", adapter=LayerOutput(),
         no_decay=("norm",)),

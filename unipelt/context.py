@@ -15,9 +15,9 @@ inside a *replay* of its own forward's context (same mask and prefix, fresh gate
 replay must recompute every tensor the first pass saved).
 
 Gate reduction (``reduce``) is the one place that knows how per-token gate values become a
-scale: the mean over real tokens, one value per example (encoders), or with ``causal`` the
-running mean over the real tokens up to each position, one value per position, so that no
-position's gate sees a later token (decoders; ``BackboneSpec.causal``).
+scale: the mean over real tokens, one value per example (encoders), or with ``causal`` one
+gate per token, so that no position's gate sees a later token and a KV cache needs no gate
+state (decoders; ``BackboneSpec.causal``; why not a running mean: docs/decoders.md).
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ class ForwardContext:
     def __init__(self, owner: int, token_weights: torch.Tensor, prefix: torch.Tensor | None,
                  causal: bool = False) -> None:
         self.owner = owner  # id() of the base model whose forward this is
-        # (batch, tokens): rows sum to 1 over real tokens; with ``causal`` the 0/1 mask itself
-        self.token_weights = token_weights
-        self.causal = causal
+        self.causal = causal  # decoders: gates stay per token
+        self.token_weights = token_weights  # (batch, tokens), rows sum to 1 over real tokens
         self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
         self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values()
@@ -53,12 +52,17 @@ class ForwardContext:
         self.previous: ForwardContext | None = None
 
     def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, n) per-token gates -> (batch, n) mean over real tokens, or with
-        ``causal`` (batch, tokens, n) running means (position t averages real tokens <= t)."""
-        if not self.causal:
-            return torch.einsum("btn,bt->bn", per_token, self.token_weights)
-        mask = self.token_weights[..., None]
-        return (per_token * mask).cumsum(1) / mask.cumsum(1).clamp(min=1)
+        """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens; causal
+        models keep one gate per token (a position's gate reads that position only)."""
+        if self.causal:
+            return per_token
+        return torch.einsum("btn,bt->bn", per_token, self.token_weights.to(per_token.dtype))
+
+    def per_example(self, gates: torch.Tensor) -> torch.Tensor:
+        """What gate_values() reports: (batch, n); per-token gates averaged over real tokens."""
+        if gates.dim() == 2:
+            return gates
+        return torch.einsum("btn,bt->bn", gates.float(), self.token_weights.float())
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
@@ -91,19 +95,16 @@ def leave(owner: int | None = None) -> ForwardContext | None:
     return ctx
 
 
-def token_weights(mask: torch.Tensor | None, reference: torch.Tensor, dtype: torch.dtype,
-                  causal: bool = False) -> torch.Tensor:
-    """The attention mask as weights summing to 1 per example (uniform without a mask); with
-    ``causal`` the 0/1 mask itself (``reduce`` normalises its running sums)."""
+def token_weights(mask: torch.Tensor | None, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask as weights summing to 1 per example (uniform without a mask)."""
     batch, tokens = reference.shape[:2]
     if mask is None:
-        fill = 1.0 if causal else 1.0 / tokens
-        return torch.full((batch, tokens), fill, dtype=dtype, device=reference.device)
+        return torch.full((batch, tokens), 1.0 / tokens, dtype=dtype, device=reference.device)
     if mask.dim() != 2:
         raise PELTError(f"unipelt needs a 2D (batch, tokens) attention_mask of 0/1, got shape "
                         f"{tuple(mask.shape)}")
-    weights = mask.to(dtype)
-    return weights if causal else weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    weights = mask[:, -tokens:].to(dtype)  # with a KV cache the mask also covers past tokens
+    return weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 class _InContext:

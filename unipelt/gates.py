@@ -31,8 +31,10 @@ class GateBank(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, hidden) -> (batch, n) gate values ((batch, tokens, n) when causal)."""
-        return current().reduce(torch.sigmoid(self.proj(x)))
+        """(batch, tokens, hidden) -> (batch, n) gate values ((batch, tokens, n) in causal models).
+
+        The sigmoid runs in float32 (stable under bf16 autocast); the gates take x's dtype."""
+        return current().reduce(torch.sigmoid(self.proj(x).float())).to(x.dtype)
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)``, computed once per forward however many submodules read it."""
@@ -41,7 +43,7 @@ class GateBank(nn.Module):
         if gates is None:
             gates = self(x)
             ctx.gates[self] = gates
-            ctx.record[self] = gates.detach()
+            ctx.record[self] = ctx.per_example(gates.detach())
         return gates
 
     def cached(self) -> torch.Tensor:

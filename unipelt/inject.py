@@ -9,6 +9,7 @@ from torch import nn
 
 from . import context
 from .backbones import spec_for
+from .causal import positions_from_mask
 from .config import PELTConfig
 from .errors import PELTError
 from .gates import GateBank, GateRequests
@@ -43,9 +44,13 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
     for p in base.parameters():
         p.requires_grad_(config.finetune)
     in_base = {id(p) for p in base.parameters()}
-    for p in model.parameters():  # the head: everything outside the base model
+    # The head (everything outside the base model) trains, except a language-modelling head: it
+    # maps into the vocabulary and is often the input embedding matrix itself (tied weights).
+    lm_head = model.get_output_embeddings() if spec.causal else None
+    frozen = {id(p) for p in lm_head.parameters()} if lm_head is not None else set()
+    for p in model.parameters():
         if id(p) not in in_base:
-            p.requires_grad_(True)
+            p.requires_grad_(config.finetune or id(p) not in frozen)
 
     dims = spec.dims(model.config)
     target = Target(model, spec, dims, layers, GateRequests(dims.hidden, config.init_std),
@@ -60,12 +65,19 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
             setattr(parent, child, spec.explicit_attention(getattr(parent, child)))
     attach_head(model, spec, config.head, config.init_std)  # after the tuners: it may freeze BitFit's pooler bias
 
-    if target.gates.pending or hasattr(base, PREFIX_ATTR):  # anything that reads the context
+    # Anything that reads the context; and decoders, whose positions come from the mask (below).
+    if target.gates.pending or hasattr(base, PREFIX_ATTR) or spec.causal:
         signature = list(inspect.signature(base.forward).parameters)
         base._pelt_arg_index = {k: signature.index(k) for k in
-                                ("input_ids", "attention_mask", "inputs_embeds") if k in signature}
+                                ("input_ids", "attention_mask", "inputs_embeds", "position_ids")
+                                if k in signature}
+        base._pelt_causal = spec.causal
         base.register_forward_pre_hook(_enter_context, with_kwargs=True)
         base.register_forward_hook(_leave_context, always_call=True)
+    if not any(p.requires_grad for p in model.parameters()):
+        # e.g. BitFit on a backbone without biases, under a frozen language-modelling head
+        raise PELTError(f"{config.name} trains nothing on this {spec.family} model (bitfit needs bias "
+                        f"terms; a language-modelling head stays frozen)")
     model.pelt_config = config
     return model
 
@@ -77,7 +89,7 @@ def _argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> torch.
     return args[index] if index is not None and index < len(args) else None
 
 
-def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> None:
+def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Base-model pre-hook: this batch's token weights and prefix become the current context.
 
     Module-level functions reading only the module they are given (no closure): deepcopy works.
@@ -85,13 +97,17 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> None:
     ids = _argument(base, args, kwargs, "input_ids")
     reference = ids if ids is not None else _argument(base, args, kwargs, "inputs_embeds")
     encoder: PrefixEncoder | None = getattr(base, PREFIX_ATTR, None)
-    causal = spec_for(base).causal
-    weights = context.token_weights(_argument(base, args, kwargs, "attention_mask"), reference,
-                                    next(base.parameters()).dtype, causal)
+    mask = _argument(base, args, kwargs, "attention_mask")
+    weights = context.token_weights(mask, reference, next(base.parameters()).dtype)
     if base.training and torch.is_grad_enabled():
         context.bind_checkpointing(spec_for(base).layer_list(base))
-    context.enter(context.ForwardContext(id(base), weights, encoder() if encoder is not None else None,
-                                         causal))
+    causal = base._pelt_causal
+    context.enter(context.ForwardContext(id(base), weights, encoder() if encoder is not None else None, causal))
+    if causal and mask is not None and mask.dim() == 2 and _argument(base, args, kwargs, "position_ids") is None:
+        # Positions count real tokens, so left padding shifts none (generate() passes its own).
+        kwargs["position_ids"] = positions_from_mask(mask, reference.shape[1])
+        return args, kwargs
+    return None
 
 
 def _leave_context(base: nn.Module, args: tuple, output: object) -> None:

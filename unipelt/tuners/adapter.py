@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..backbones import LayerOutput, PostLNOutput, PostLNSublayer
+from ..backbones import LayerOutput, MLPOutput, PostLNOutput, PostLNSublayer
 from ..errors import PELTError
 from ..gates import GateSlot, over_hidden
 from .base import Target, TunerConfig
@@ -77,6 +77,19 @@ class AdapterSublayer(nn.Module):
         return self.adapter.add_to(h, self._norm[0](h + x))  # the layer adds x and normalises
 
 
+class AdapterMLP(nn.Module):
+    """A pre-norm block's MLP ``base`` with the adapter on its output: ``h + adapter(h)``, ``h = base(x)``."""
+
+    def __init__(self, base: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        return h + self.adapter(h)
+
+
 def _after_layer(layer: nn.Module, args: Any, output: Any) -> Any:
     """Forward hook of a pre-norm layer: ``y + adapter(y)`` (a module-level function: deepcopy works)."""
     if isinstance(output, tuple):
@@ -109,6 +122,9 @@ class AdapterConfig(TunerConfig):
                 parent, child = _split(layer, site.sublayer)
                 setattr(parent, child, AdapterSublayer(getattr(parent, child), adapter,
                                                        layer.get_submodule(site.norm)))
+            elif isinstance(site, MLPOutput):
+                parent, child = _split(layer, site.mlp)
+                setattr(parent, child, AdapterMLP(getattr(parent, child), adapter))
             elif isinstance(site, LayerOutput):
                 layer.add_module("adapter", adapter)
                 layer.register_forward_hook(_after_layer)

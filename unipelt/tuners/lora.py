@@ -67,7 +67,9 @@ class LoRALinear(nn.Module):
         z = self.lora_A(self.dropout(x))
         z = z * (over_hidden(self.gate(x)) if self.gate is not None else self.scaling)
         y = self.base(x)
-        if z.shape[:-1] != y.shape[:-1]:  # a batch-shared input (DeBERTa's positions), per-example gates
+        if z.shape[:-1] != y.shape[:-1] or y.dtype != self.lora_B.weight.dtype:
+            # a batch-shared input (DeBERTa's positions) with per-example gates, or autocast (the
+            # in-place addmm_ below is not autocast: the out-of-place path casts for us)
             return y + self.lora_B(z)
         # y += z B^T in place: the base output is not needed for backward, no full-width copy
         y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.weight.t())
@@ -87,8 +89,9 @@ class FusedLoRALinear(nn.Module):
         self.slices = dict(slices)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        in_features = base.weight.shape[0] if _is_conv1d(base) else base.in_features
         for t, sl in self.slices.items():
-            self.lora_A[t], self.lora_B[t] = _pair(base.in_features, sl.stop - sl.start, r)
+            self.lora_A[t], self.lora_B[t] = _pair(in_features, sl.stop - sl.start, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / r
         self.r = r
@@ -126,6 +129,11 @@ class FusedLoRALinear(nn.Module):
             start = sl.stop
         pieces.append(y[..., start:])
         return torch.cat(pieces, dim=-1)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: ``x @ W + b`` with W (in, out), the transpose of a Linear's."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def _check(target: str, targets: tuple[str, ...]) -> None:

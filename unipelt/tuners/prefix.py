@@ -33,6 +33,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from ..causal import gated_output, prefix_inputs
 from ..context import current
 from ..errors import PELTError
 from ..gates import GateSlot
@@ -146,6 +147,9 @@ def _extended_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
 def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, attention_mask: torch.Tensor | None,
                              *args: Any, base_impl: str, **kwargs: Any) -> Any:
+    if getattr(module, "pelt_prefix_layer", None) is not None and current().causal:
+        return _causal_prefix_attention(module, query, key, value, attention_mask, *args,
+                                        base_impl=base_impl, **kwargs)
     if getattr(module, "pelt_prefix_layer", None) is not None:
         slot = module.pelt_prefix_gate
         pk, pv = gated_prefix(module, query.shape[0], key.dtype,
@@ -159,6 +163,29 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     else:
         fn = ALL_ATTENTION_FUNCTIONS[base_impl]
     return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None,
+                             *args: Any, base_impl: str, **kwargs: Any) -> Any:
+    """Decoders: the prefix before every sequence under the causal mask, one gate per query token.
+
+    See ``unipelt/causal.py``: transformers may skip the causal mask (SDPA, no padding), and a
+    per-token gate scales the prefix per query, which runs on doubled head dims."""
+    slot = module.pelt_prefix_gate
+    gate = slot.cached() if slot is not None else None  # (batch, tokens)
+    pk, pv = gated_prefix(module, query.shape[0], key.dtype, None)
+    if gate is not None and query.shape[2] == 1:  # one query (a generation step): scaling the prefix is exact
+        g = gate[:, 0, None, None, None].to(pk.dtype)
+        pk, pv, gate = pk * g, pv * g, None
+    if kwargs.get("scaling") is None:  # doubled head dims must keep the original scale
+        kwargs["scaling"] = query.shape[-1] ** -0.5
+    query, key, value, attention_mask = prefix_inputs(
+        query, key, value, attention_mask, pk, pv, gate, causal=True, additive=base_impl == "eager")
+    fn = sys.modules[type(module).__module__].eager_attention_forward if base_impl == "eager" \
+        else ALL_ATTENTION_FUNCTIONS[base_impl]
+    out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
+    return (out if gate is None else gated_output(out, gate)), weights
 
 
 for _base in BASE_IMPLEMENTATIONS:

@@ -1,0 +1,83 @@
+"""`cli.py fit` then `cli.py predict` on a tiny random Llama and a few JSON Lines rows, in process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from decoder_fixtures import prompt_rows, tiny_tokenizer, write_jsonl
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cli import SUMMARY_FILE, main
+from lightning_modules.instruct_cli import is_instruct_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tok = tiny_tokenizer()
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_fit_then_predict_writes_generations(tiny_llama, tmp_path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", prompt_rows(40))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "what is the cat", "id": "x"},
+                                                      {"prompt": "the dog", "id": "y"},
+                                                      {"messages": [{"role": "user", "content": "who"}], "id": "z"}])
+    run = tmp_path / "run"
+    common = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(run)]
+    main(["fit", "--config", str(ROOT / "configs" / "instruct_example.yaml"),
+          "--model.model_name_or_path", str(tiny_llama), "--data.train_file", str(train), "--data.k_shot", "24",
+          "--data.dev_size", "8", "--data.batch_size", "4", "--trainer.max_epochs", "2", "--data.max_seq_length", "64",
+          "--data.cache_dir", str(tmp_path / "cache"), *common])
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    assert summary["task"] == "instruct" and summary["method"] == "unipelt_apl"
+    assert summary["best_val"]["perplexity"] == pytest.approx(torch.tensor(summary["best_val"]["value"]).exp().item())
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    best = summary["best_checkpoint"]
+    assert Path(best).is_file()
+    assert is_instruct_run(["predict", "--ckpt_path", best])  # the checkpoint says what it is
+
+    # No config: the checkpoint states the model; the command line the rest.
+    out = tmp_path / "gen.jsonl"
+    main(["predict", "--ckpt_path", best, "--data.predict_file", str(prompts), "--model.max_new_tokens", "5",
+          "--model.predict_output", str(out), *common])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    inputs = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert [{k: v for k, v in row.items() if k != "generation"} for row in lines] == inputs  # in file order
+    assert all(isinstance(row["generation"], str) for row in lines)
+
+
+def test_bad_instruction_file_is_one_line_exit_2(tiny_llama, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "instruct_example.yaml"),
+              "--model.model_name_or_path", str(tiny_llama), "--data.train_file", str(bad),
+              "--data.max_seq_length", "64", "--trainer.accelerator", "cpu",
+              "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not progress bars
+    assert len(err) == 1 and err[0].startswith("error: ") and "bad.jsonl:2: invalid JSON" in err[0]
+
+
+def test_instruct_example_config_parses(capsys) -> None:
+    import yaml
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(ROOT / "configs" / "instruct_example.yaml"), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["method"] == "unipelt_apl" and printed["data"]["prompt_field"] == "prompt"
+    assert printed["model"]["do_sample"] is False

@@ -1,0 +1,81 @@
+"""What decoders need beyond encoders: per-token gates, a prefix under a causal mask, positions from the mask.
+
+Causal gates are per token: position t's gate is sigmoid(W h_t + b) of its own hidden state,
+so it depends on tokens up to t only, keeps no state across forwards (the KV cache, beam
+reordering and cache cropping need nothing from us) and does not depend on padding. The paper's
+mean over the sequence would leak later tokens into earlier positions. docs/decoders.md says
+why not a running mean.
+
+A gated prefix scales its keys and values by the gate (as the paper does per example); with a
+gate per query token that is a different scale per query, which one attention call computes on
+doubled head dims: queries ``[q, g q]``, keys ``[k, 0]`` / prefix ``[0, p_k]``, values ``[v, 0]``
+/ ``[0, p_v]``; then ``out = out[:d] + g * out[d:]`` equals attention with key ``g p_k`` and value
+``g p_v`` for that query, exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask_like(query: torch.Tensor, key: torch.Tensor, additive: bool) -> torch.Tensor:
+    """The causal mask transformers skips (``None``) when it can: query i sits at key position kv - q + i."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    allowed = rows >= torch.arange(kv_len, device=query.device)[None, :]
+    if not additive:
+        return allowed[None, None]
+    mask = torch.zeros((q_len, kv_len), dtype=query.dtype, device=query.device)
+    return mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
+
+
+def extend_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Prepend ``length`` always-attendable key positions to a 4D bool or additive mask."""
+    fill = True if mask.dtype == torch.bool else 0.0
+    pad = torch.full((*mask.shape[:-1], length), fill, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1)
+
+
+def prefix_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    prefix_key: torch.Tensor,
+    prefix_value: torch.Tensor,
+    gate: torch.Tensor | None,
+    causal: bool,
+    additive: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(query, key, value, mask) for an attention call that sees the prefix before every sequence.
+
+    ``prefix_key``/``prefix_value``: (batch, kv heads, length, head dim), already scaled by a
+    per-example gate if any; ``gate``: (batch, query tokens) per-token gates or None.
+    The prefix is never masked. With ``gate``, the output must go through ``gated_output``.
+    """
+    length = prefix_key.shape[2]
+    if mask is None and causal and query.shape[2] > 1:
+        mask = causal_mask_like(query, key, additive)  # transformers skipped it; is_causal would misalign
+    if mask is not None:
+        mask = extend_mask(mask, length)
+    if gate is None:
+        return query, torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2), mask
+    g = gate[:, None, :, None].to(query.dtype)
+    query = torch.cat([query, query * g], dim=-1)
+    key = torch.cat([torch.cat([torch.zeros_like(prefix_key), prefix_key], -1),
+                     torch.cat([key, torch.zeros_like(key)], -1)], dim=2)
+    value = torch.cat([torch.cat([torch.zeros_like(prefix_value), prefix_value], -1),
+                       torch.cat([value, torch.zeros_like(value)], -1)], dim=2)
+    return query, key, value, mask
+
+
+def gated_output(output: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Undo the doubled head dims: ``out[:d] + g * out[d:]``; ``output``: (batch, tokens, heads, 2 d)."""
+    d = output.shape[-1] // 2
+    return output[..., :d] + gate[:, :, None, None].to(output.dtype) * output[..., d:]
+
+
+def positions_from_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Position ids that count real tokens only (left padding does not shift them), for the last ``tokens``."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -tokens:]
