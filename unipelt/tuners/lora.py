@@ -117,18 +117,12 @@ class FusedLoRALinear(nn.Module):
         y = self.base(x)
         a = torch.cat([self.lora_A[t].weight for t in self.slices])  # (targets * r, in)
         z = nn.functional.linear(self.dropout(x), a).split(self.r, dim=-1)
-        parts = []
         for (t, sl), zt in zip(self.slices.items(), z, strict=True):
             gate = self.gates[t]
             zt = zt * (over_hidden(gate(x)) if gate is not None else self.scaling)
-            parts.append((sl, self.lora_B[t](zt)))
-        # rebuild y with each target's slice updated (no in-place write into the base output)
-        pieces, start = [], 0
-        for sl, delta in sorted(parts, key=lambda p: p[0].start):
-            pieces += [y[..., start:sl.start], y[..., sl] + delta]
-            start = sl.stop
-        pieces.append(y[..., start:])
-        return torch.cat(pieces, dim=-1)
+            # in place on the base output (not needed for backward): no copy of the whole qkv
+            y[..., sl] += self.lora_B[t](zt)
+        return y
 
 
 def _is_conv1d(module: nn.Module) -> bool:
