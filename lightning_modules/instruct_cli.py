@@ -30,8 +30,9 @@ from lightning_modules.checkpointing import CHECKPOINT_KEY, load_checkpoint_file
 from unipelt import pelt_state_dict
 
 # Settings only instruction runs have: naming one selects this CLI.
-MARKERS = {"data": ("prompt_field", "response_field", "messages_field", "use_chat_template", "bucket_batches",
-                    "predict_file"),
+# Options only instruction runs have (`--data.predict_file` is shared with classification: a predict
+# from a checkpoint is routed by the checkpoint's task).
+MARKERS = {"data": ("prompt_field", "response_field", "messages_field", "use_chat_template", "bucket_batches"),
            "model": ("max_new_tokens", "gguf_file", "generation_kwargs", "predict_output")}
 IDENTITY = ("model_name_or_path", "gguf_file", "dtype", "method", "pelt_overrides")
 # How training rendered its rows: a predict from its checkpoint renders prompts the same way unless told otherwise.
