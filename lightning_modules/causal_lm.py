@@ -24,15 +24,16 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
+from lightning_modules.checkpointing import ExactResume, LastCheckpoint
 from lightning_modules.unipelt_module import (
     CheckpointMismatchError,
     ModelConfigError,
     UniPELTLightningModule,
     _check_options,
+    saved_identity,
 )
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, spec_for
-from unipelt.io import check_identity, identity
+from unipelt.io import identity
 
 TASK = "instruct"  # what checkpoints record as their task
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -220,13 +221,7 @@ class CausalLMModule(pl.LightningModule):
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Raise CheckpointMismatchError naming what differs (method, backbone, task) if `checkpoint` is not ours."""
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
-            raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
-        try:
-            check_identity(saved, self.model)  # the same check as unipelt.from_pretrained
-        except PELTError as err:
-            raise CheckpointMismatchError(str(err)) from None
+        saved = saved_identity(checkpoint, self.model)
         if saved.get("task") != TASK:
             raise CheckpointMismatchError(f"task differs: the checkpoint was trained on {saved.get('task')!r}, "
                                           f"not on instruction data")

@@ -45,6 +45,19 @@ def _check_options(**checks: tuple[Any, bool, str]) -> None:
             raise ModelConfigError(f"--model.{name} {value!r}: must be {rule}")
 
 
+def saved_identity(checkpoint: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """The checkpoint's unipelt identity, checked against ``model`` with the same check as
+    ``unipelt.from_pretrained`` (method, backbone, labels); CheckpointMismatchError names what differs."""
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    if saved is None:
+        raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
+    try:
+        check_identity(saved, model)
+    except PELTError as err:
+        raise CheckpointMismatchError(str(err)) from None
+    return saved
+
+
 class UniPELTLightningModule(pl.LightningModule):
     """A frozen Hugging Face encoder with gated UniPELT submodules, trained on one task.
 
@@ -325,13 +338,7 @@ class UniPELTLightningModule(pl.LightningModule):
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Raise CheckpointMismatchError naming what differs (method, backbone or task) if `checkpoint` is not ours."""
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
-            raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
-        try:
-            check_identity(saved, self.model)  # the same check as unipelt.from_pretrained
-        except PELTError as err:
-            raise CheckpointMismatchError(str(err)) from None
+        saved = saved_identity(checkpoint, self.model)
         if saved["task"] != self.task_info.name:
             raise CheckpointMismatchError(
                 f"task differs: the checkpoint was trained on {saved['task']!r} "
