@@ -33,16 +33,77 @@ def _top_level_help(argv: list[str]) -> bool:
     return not argv or argv[0] in ("-h", "--help")
 
 
-if sys.argv and sys.argv[0].rsplit("/", 1)[-1] in ("cli.py", "unipelt") and _top_level_help(sys.argv[1:]):
-    print(TOP_HELP, end="")
-    sys.exit(0)
+HELP_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# What shapes a subcommand's help besides the code: the libraries whose signatures and options it lists.
+_HELP_LIBRARIES = ("torch", "pytorch-lightning", "lightning-utilities", "jsonargparse", "transformers",
+                   "datasets", "torchmetrics", "peft")
 
-import inspect  # noqa: E402 - after the fast help path
+
+def help_cache_file(argv: list[str]) -> Path | None:
+    """Where `cli.py fit --help` (exactly that) keeps its text, keyed by everything the text depends on.
+
+    LightningCLI builds that help from the classes' signatures, so it needs torch and Lightning imported:
+    about 7 s on 2 CPU cores, most of it `import pytorch_lightning` (it pulls torch._dynamo). The text only
+    changes when our code, a library or the terminal width does, so the first call renders it and keeps
+    it (`$XDG_CACHE_HOME/unipelt/help`, default `~/.cache`); later calls print it in a fraction of a second.
+    `UNIPELT_HELP_CACHE=0` turns this off. Anything else on the command line (a --config, a --ckpt_path
+    whose settings become defaults) renders afresh.
+    """
+    import hashlib
+    import os
+    import shutil
+    from importlib import metadata
+    from pathlib import Path
+
+    if len(argv) != 2 or argv[0] not in HELP_SUBCOMMANDS or argv[1] not in ("-h", "--help"):
+        return None
+    if os.environ.get("UNIPELT_HELP_CACHE", "1") == "0":
+        return None
+    root = Path(__file__).resolve().parent
+    key = hashlib.sha256(f"{sys.version}|{shutil.get_terminal_size().columns}|{argv[0]}".encode())
+    sources = [Path(__file__).resolve()]
+    for package in ("unipelt", "datamodules", "lightning_modules"):
+        sources += sorted((root / package).rglob("*.py"))
+    for path in sources:
+        stat = path.stat()
+        key.update(f"{path}|{stat.st_mtime_ns}|{stat.st_size}".encode())
+    for dist in _HELP_LIBRARIES:
+        try:
+            key.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            key.update(f"{dist}=none".encode())
+    key.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(("JSONARGPARSE", "PL_")))).encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unipelt" / "help"
+    return cache / f"{argv[0]}-{key.hexdigest()[:20]}.txt"
+
+
+def _print_cached_help(argv: list[str]) -> None:
+    """Print a kept help text and exit; return when there is none."""
+    path = help_cache_file(argv)
+    try:
+        text = path.read_text() if path else None
+    except OSError:
+        return
+    if text:
+        print(text, end="")
+        sys.exit(0)
+
+
+if sys.argv and sys.argv[0].rsplit("/", 1)[-1] in ("cli.py", "unipelt"):
+    if _top_level_help(sys.argv[1:]):
+        print(TOP_HELP, end="")
+        sys.exit(0)
+    _print_cached_help(sys.argv[1:])
+
+import contextlib  # noqa: E402 - after the fast help path
+import inspect  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -532,7 +593,8 @@ def main(args: list[str] | None = None) -> None:
 
     build = build_instruct_cli if is_instruct_run(argv) else build_cli
     try:
-        build(None if args is None else argv)
+        with _keep_help(argv):
+            build(None if args is None else argv)
     except USER_ERRORS as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
@@ -542,6 +604,40 @@ def main(args: list[str] | None = None) -> None:
     except TrainingDiverged as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def _keep_help(argv: list[str]) -> Iterator[None]:
+    """Around a `SUBCOMMAND --help` call: print as usual and keep the text for the next call (help_cache_file)."""
+    path = help_cache_file(argv)
+    if path is None:
+        yield
+        return
+    _print_cached_help(argv)  # main() called in-process (tests): the module-level fast path did not run
+    shown = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, text: str) -> int:
+            shown.write(text)
+            return real.write(text)
+
+        def flush(self) -> None:
+            real.flush()
+
+    real = sys.stdout
+    try:
+        with contextlib.redirect_stdout(Tee()):
+            yield
+    except SystemExit as done:
+        if done.code in (0, None) and shown.getvalue():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(f".{os.getpid()}.tmp")
+                partial.write_text(shown.getvalue())
+                os.replace(partial, path)  # a reader never sees half a text
+            except OSError:  # a read-only home: help still works, only slower
+                pass
+        raise
 
 
 def _first_line(err: BaseException) -> str:

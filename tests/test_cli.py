@@ -255,7 +255,8 @@ def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tiny_model, 
     assert not out.exists()
 
 
-def test_help_explains_every_model_and_data_option_and_lists_the_commands(capsys):
+def test_help_explains_every_model_and_data_option_and_lists_the_commands(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     text = capsys.readouterr().out
@@ -277,3 +278,65 @@ def test_help_explains_every_model_and_data_option_and_lists_the_commands(capsys
         main(["--help"])
     top = capsys.readouterr().out
     assert exc.value.code == 0 and all(f"  {c} " in top for c in ("fit", "predict", "reproduce", "select", "report"))
+
+
+def test_subcommand_help_is_kept_and_shown_again_without_building_the_cli(capsys, monkeypatch, tmp_path):
+    import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kept = cli.help_cache_file(["predict", "--help"])
+    assert kept is not None and kept.is_relative_to(tmp_path) and not kept.exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--help"])
+    first = capsys.readouterr().out
+    assert exc.value.code == 0 and "--predictions" in first and kept.read_text() == first
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the kept help should have been printed")
+
+    monkeypatch.setattr(cli, "build_cli", no_build)
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out == first
+    # Only the bare `SUBCOMMAND --help` is kept: other arguments can change the defaults shown.
+    assert cli.help_cache_file(["predict", "--ckpt_path", "x.ckpt", "--help"]) is None
+    assert cli.help_cache_file(["fit", "--config", "c.yaml", "-h"]) is None
+    monkeypatch.setenv("UNIPELT_HELP_CACHE", "0")
+    assert cli.help_cache_file(["predict", "--help"]) is None
+
+
+def test_help_key_changes_with_the_code_the_libraries_and_the_width(monkeypatch, tmp_path):
+    import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = cli.help_cache_file(["fit", "--help"])
+    assert cli.help_cache_file(["fit", "--help"]) == key and cli.help_cache_file(["fit", "-h"]) == key
+    assert cli.help_cache_file(["test", "--help"]) != key
+    monkeypatch.setenv("COLUMNS", "57")
+    assert cli.help_cache_file(["fit", "--help"]) != key
+    monkeypatch.delenv("COLUMNS")
+    from importlib import metadata
+
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda d: "9.9" if d == "pytorch-lightning" else real_version(d))
+    assert cli.help_cache_file(["fit", "--help"]) != key
+    monkeypatch.setattr(metadata, "version", real_version)
+    source = ROOT / "datamodules" / "text.py"
+    before = source.stat()
+    try:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+        assert cli.help_cache_file(["fit", "--help"]) != key
+    finally:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_kept_help_prints_without_importing_torch(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "COLUMNS": "100"}
+    run = [sys.executable, "cli.py", "validate", "--help"]
+    first = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    probe = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); "
+             "sys.argv = ['cli.py', 'validate', '--help']; import cli")
+    second = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert second.returncode == 0 and second.stdout == first.stdout and second.stderr.strip() == "False"

