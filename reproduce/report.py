@@ -156,8 +156,7 @@ def efficiency_rows(records: list[dict]) -> list[dict]:
                 "method": method,
                 "paper_method": METHODS[method],
                 "trainable_params": statistics.median(r["trainable_params"] for r in rs),
-                "trainable_pct": 100
-                * statistics.median(r["trainable_params"] / r["total_params"] for r in rs),
+                "trainable_pct": statistics.median(_trainable_pct(r) for r in rs),
                 "train_time_pct": 100 * statistics.fmean(train_ratio) if train_ratio else None,
                 "inference_time_pct": 100 * statistics.fmean(infer_ratio) if infer_ratio else None,
                 "paper_trainable_params": p.get("trainable_params"),
@@ -184,6 +183,14 @@ def _f(x: float | None, nd: int = 1, sign: bool = False) -> str:
     if x is None:
         return "–"
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def _trainable_pct(record: dict) -> float:
+    """The run's own figure (the summary's: trainable / the pretrained backbone alone); records written
+    before summaries carried it fall back to trainable / all parameters."""
+    if record.get("trainable_pct") is not None:
+        return float(record["trainable_pct"])
+    return 100 * record["trainable_params"] / (record.get("backbone_params") or record["total_params"])
 
 
 def _params(n: float | None) -> str:

@@ -47,6 +47,8 @@ def write_run(root: Path, task: str, method: str, seed: int, score: float, statu
         if method.startswith("unipelt")
         else {},
     }
+    if method == "lora":  # as summaries write it now: the share of the pretrained backbone alone
+        rec |= {"backbone_params": 900, "trainable_pct": 100 * 10 / 900}
     if status != "done":
         rec = {k: rec[k] for k in ("status", "run", "task", "k_shot", "method", "seed")} | {"error": "boom"}
     d = root / task / "k100" / method / f"seed{seed}"
@@ -143,6 +145,7 @@ def test_efficiency_relative_to_finetuning(grid):
     root, _ = grid
     eff = {r["method"]: r for r in build(root).efficiency}
     assert eff["finetune"]["train_time_pct"] == pytest.approx(100) and eff["adapter"]["trainable_pct"] == 1.0
+    assert eff["lora"]["trainable_pct"] == pytest.approx(100 * 10 / 900)  # the run's own figure, not 10/1000
     # adapter: epochs take (1+0+1+2)/3 = 2 s vs 2 s; inference 4 s/50 vs 4 s/100 examples
     assert (
         eff["adapter"]["train_time_pct"] == pytest.approx(100) and eff["adapter"]["inference_time_pct"] == 200
