@@ -30,7 +30,7 @@ from torch import nn
 from .config import PELTConfig, PELTError
 from .gates import GateBank, GateSlot
 from .inject import gate_values
-from .tuners.lora import FusedLoRALinear, LoRALinear
+from .tuners.lora import FusedLoRALinear, LoRALinear, is_conv1d
 from .tuners.prefix import IMPL_PREFIX
 
 MERGED_ATTR = "pelt_merged"  # set on a merge that keeps unipelt modules: not saveable as unipelt's format
@@ -141,7 +141,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
     base_name = base_model_name_or_path if base_model_name_or_path is not None else model.config._name_or_path
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": _peft_task_type(model),
         "base_model_name_or_path": base_name or None,
         "r": config.lora_r,
         "lora_alpha": config.lora_alpha,
@@ -168,7 +168,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
     (path / "README.md").write_text(
         f"---\nbase_model: {base_name}\nlibrary_name: peft\ntags:\n- unipelt\n- lora\n---\n\n"
         f"# LoRA exported from unipelt (`{config.name}`)\n\n{note}\n\n```python\nfrom peft import PeftModel\n"
-        f"model = PeftModel.from_pretrained(base, \"{path.name}\")  # base: the sequence-classification backbone\n"
+        f"model = PeftModel.from_pretrained(base, \"{path.name}\")  # base: {type(model).__name__} of base_model\n"
         "```\n")
     return path
 
@@ -219,18 +219,22 @@ def _children_of_type(model: nn.Module, kinds: tuple[type, ...]) -> list[tuple[n
             if isinstance(child, kinds)]
 
 
-def _merged_base(lora: LoRALinear | FusedLoRALinear, fixed: Mapping[str, float]) -> nn.Linear:
-    """The wrapped Linear with ``scale * B @ A`` added to each target's rows (scale: alpha/r or the fixed gate)."""
+def _merged_base(lora: LoRALinear | FusedLoRALinear, fixed: Mapping[str, float]) -> nn.Module:
+    """The wrapped projection with ``scale * B @ A`` added to each target's outputs (scale: alpha/r or the
+    fixed gate): rows of a Linear's weight, columns of GPT-2's Conv1D (whose weight is (in, out))."""
     base = lora.base
     slots = lora.gates if isinstance(lora, FusedLoRALinear) else {lora.target: lora.gate}
+    transposed = is_conv1d(base)
     with torch.no_grad():
         weight = base.weight.float()
+        if transposed:
+            weight = weight.T  # a view: adding to its rows adds to the Conv1D weight's columns
         for target in lora.targets:
             down, up = lora.lora_pair(target)
             slot = slots[target]
             scale = lora.scaling if slot is None else fixed[_slot_key(slot)]
             weight[lora.output_slice(target)] += scale * (up.weight.float() @ down.weight.float())
-        base.weight.copy_(weight.to(base.weight.dtype))
+        base.weight.copy_((weight.T if transposed else weight).to(base.weight.dtype))
     return base
 
 
@@ -257,9 +261,17 @@ def _plain_path(model: nn.Module, path: str) -> str:
 
 
 def _head_names(model: nn.Module) -> list[str]:
-    """The trained head: the model's children outside the base model that have parameters."""
+    """The trained head: the model's children outside the base model with trainable parameters (a
+    decoder's frozen language-modelling head is the backbone's, not ours to ship)."""
     return [name for name, child in model.named_children()
-            if child is not model.base_model and any(True for _ in child.parameters())]
+            if child is not model.base_model and any(p.requires_grad for p in child.parameters())]
+
+
+def _peft_task_type(model: nn.Module) -> str:
+    """PEFT's task type, which picks the wrapper class `PeftModel.from_pretrained` builds."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "CAUSAL_LM" if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else "SEQ_CLS"
 
 
 def _plain_model(merged: nn.Module) -> nn.Module:

@@ -61,6 +61,7 @@ def backbone_identity(model: nn.Module, name_or_path: str | None = None) -> dict
         "problem_type": cfg.problem_type,
         "id2label": {str(i): label for i, label in cfg.id2label.items()},
         "fingerprint": backbone_fingerprint(model),
+        "architecture": type(model).__name__,  # which Auto class rebuilds it (LlamaForCausalLM, BertFor...)
     }
 
 
@@ -93,6 +94,9 @@ def check_identity(saved: dict[str, Any], model: nn.Module, config: PELTConfig |
             f"backbone differs: saved on {describe(sb, sb.get('model_name_or_path', '?'))} but the model is "
             f"{describe(ob, ob['model_name_or_path'])}"
         )
+    if sb.get("architecture") and _is_causal_lm(sb["architecture"]) != _is_causal_lm(ob["architecture"]):
+        raise PELTError(f"model class differs: saved on a {sb['architecture']} but the model is a "
+                        f"{ob['architecture']} (a language model and a classifier have different heads)")
     types = (sb.get("problem_type"), ob["problem_type"])  # None: transformers infers it from the labels
     if sb.get("num_labels", ob["num_labels"]) != ob["num_labels"] or (None not in types and types[0] != types[1]):
         raise PELTError(
@@ -144,12 +148,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_nam
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None = None, *,
                     revision: str | None = None, token: str | bool | None = None, **backbone_kwargs: Any) -> nn.Module:
-    """Rebuild a saved model: the recorded backbone (or ``model``, a sequence-classification model not
-    yet given PELT) with the PELT submodules and the saved weights, in eval mode.
+    """Rebuild a saved model: the recorded backbone (or ``model``, a sequence-classification or causal LM
+    model not yet given PELT) with the PELT submodules and the saved weights, in eval mode.
 
     A local folder or a hub id (downloaded with ``huggingface_hub.snapshot_download``). Raises
     PELTError in one line naming what differs (method, backbone, labels) from ``model``.
-    ``backbone_kwargs`` go to ``AutoModelForSequenceClassification.from_pretrained`` (e.g. ``dtype``).
+    ``backbone_kwargs`` go to the recorded class's ``AutoModelFor...from_pretrained`` (e.g. ``dtype``).
     """
     folder = _resolve(path_or_hub_id, revision, token)
     record = read_config(folder)
@@ -312,12 +316,20 @@ def resolve_local(name: str | os.PathLike) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
+def _is_causal_lm(architecture: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
 def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     name = resolve_local(backbone["model_name_or_path"])
     id2label = {int(i): label for i, label in backbone["id2label"].items()}
     try:
+        if _is_causal_lm(backbone.get("architecture") or ""):  # records before it was kept: classifiers
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs)
         config = AutoConfig.from_pretrained(name, num_labels=backbone["num_labels"], id2label=id2label,
                                             label2id={v: k for k, v in id2label.items()},
                                             problem_type=backbone["problem_type"])

@@ -89,7 +89,7 @@ class FusedLoRALinear(nn.Module):
         self.slices = dict(slices)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        in_features = base.weight.shape[0] if _is_conv1d(base) else base.in_features
+        in_features = base.weight.shape[0] if is_conv1d(base) else base.in_features
         for t, sl in self.slices.items():
             self.lora_A[t], self.lora_B[t] = _pair(in_features, sl.stop - sl.start, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -125,7 +125,7 @@ class FusedLoRALinear(nn.Module):
         return y
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's Conv1D: ``x @ W + b`` with W (in, out), the transpose of a Linear's."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
