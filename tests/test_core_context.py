@@ -43,6 +43,15 @@ def trained(family: str) -> torch.nn.Module:
     return model
 
 
+def _flat(value):
+    """Every object inside dicts, tuples and lists (the last gates are kept as (record, token weights))."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [x for item in value for x in _flat(item)]
+    return [value]
+
+
 @pytest.mark.parametrize("family", ["bert", "deberta-v2", "modernbert"])
 def test_nothing_of_a_batch_stays_on_modules_after_forward(family):
     model = trained(family)
@@ -52,8 +61,7 @@ def test_nothing_of_a_batch_stays_on_modules_after_forward(family):
         for attr, value in vars(module).items():
             if attr.startswith("_") and attr in ("_parameters", "_buffers", "_modules"):
                 continue
-            values = value.values() if isinstance(value, dict) else [value]
-            for v in values:
+            for v in _flat(value):
                 if isinstance(v, torch.Tensor):
                     assert v.grad_fn is None and not v.requires_grad, f"{name}.{attr} keeps a graph"
                     assert attr == "_pelt_last_gates", f"{name}.{attr} keeps a batch tensor"

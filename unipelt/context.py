@@ -47,7 +47,7 @@ class ForwardContext:
         self.token_weights = token_weights  # (batch, tokens), rows sum to 1 over real tokens
         self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
-        self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values()
+        self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values() (per token if causal)
         self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(mask) -> (mask, extended)
         self.previous: ForwardContext | None = None
 
@@ -56,19 +56,26 @@ class ForwardContext:
         models keep one gate per token (a position's gate reads that position only)."""
         if self.causal:
             return per_token
-        return torch.einsum("btn,bt->bn", per_token, self.token_weights.to(per_token.dtype))
+        weights = self.token_weights
+        return torch.einsum("btn,bt->bn", per_token,
+                            weights if weights.dtype == per_token.dtype else weights.to(per_token.dtype))
 
     def per_example(self, gates: torch.Tensor) -> torch.Tensor:
         """What gate_values() reports: (batch, n); per-token gates averaged over real tokens."""
-        if gates.dim() == 2:
-            return gates
-        return torch.einsum("btn,bt->bn", gates.float(), self.token_weights.float())
+        return per_example(gates, self.token_weights)
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
         ctx = ForwardContext(self.owner, self.token_weights, self.prefix, self.causal)
         ctx.record = self.record
         return ctx
+
+
+def per_example(gates: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """(batch, n) gates as they are; (batch, tokens, n) per-token gates averaged over real tokens."""
+    if gates.dim() == 2:
+        return gates
+    return torch.einsum("btn,bt->bn", gates.float(), token_weights.float())
 
 
 def current() -> ForwardContext:

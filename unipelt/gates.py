@@ -33,8 +33,11 @@ class GateBank(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, hidden) -> (batch, n) gate values ((batch, tokens, n) in causal models).
 
-        The sigmoid runs in float32 (stable under bf16 autocast); the gates take x's dtype."""
-        return current().reduce(torch.sigmoid(self.proj(x).float())).to(x.dtype)
+        The sigmoid runs in float32 (stable under bf16 autocast); the gates take x's dtype. Casts
+        only where a dtype differs: in a decoder's generation step every op per layer counts."""
+        logits = self.proj(x)
+        gates = current().reduce(torch.sigmoid(logits if logits.dtype == torch.float32 else logits.float()))
+        return gates if gates.dtype == x.dtype else gates.to(x.dtype)
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)``, computed once per forward however many submodules read it."""
@@ -43,17 +46,13 @@ class GateBank(nn.Module):
         if gates is None:
             gates = self(x)
             ctx.gates[self] = gates
-            ctx.record[self] = ctx.per_example(gates.detach())
+            # gate_values() reduces per example when asked, not on every forward
+            ctx.record[self] = gates.detach() if gates.requires_grad else gates
         return gates
 
     def cached(self) -> torch.Tensor:
         """This forward's values; the bank must have been called on its input already."""
         return current().gates[self]
-
-
-def over_hidden(gate: torch.Tensor) -> torch.Tensor:
-    """A gate shaped to scale (batch, tokens, features): (batch,) or causal (batch, tokens)."""
-    return gate.reshape(gate.shape + (1,) * (3 - gate.dim()))
 
 
 class GateSlot:
@@ -72,6 +71,13 @@ class GateSlot:
 
     def cached(self) -> torch.Tensor:
         return self.bank.cached()[..., self.index]
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate for input ``x``, shaped to scale (batch, tokens, features): (batch, 1, 1), or
+        (batch, tokens, 1) when causal, in one slice (a decoder's generation step is counted in ops)."""
+        values = self.bank.values(x)
+        i = self.index
+        return values[..., i:i + 1] if values.dim() == 3 else values[:, i:i + 1].unsqueeze(-1)
 
 
 class GateRequests:

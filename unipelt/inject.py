@@ -12,7 +12,7 @@ from .backbones import spec_for
 from .causal import positions_from_mask
 from .config import PELTConfig
 from .errors import PELTError
-from .gates import GateBank, GateRequests
+from .gates import GateRequests
 from .heads import attach_head
 from .tuners import Target
 from .tuners.prefix import PREFIX_ATTR, PrefixEncoder
@@ -113,7 +113,7 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
 def _leave_context(base: nn.Module, args: tuple, output: object) -> None:
     ctx = context.leave(id(base))
     if ctx is not None:
-        setattr(base, LAST_GATES, ctx.record)
+        setattr(base, LAST_GATES, (ctx.record, ctx.token_weights))
 
 
 def _prefix_encoder(model: nn.Module) -> PrefixEncoder | None:
@@ -135,9 +135,10 @@ def fold_prefix(model: nn.Module) -> nn.Module:
 
 def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
     """The last forward's per-example gates, e.g. ``{"layer3.adapter": tensor(batch)}``; detached, no sync."""
-    record: dict[GateBank, torch.Tensor] = getattr(model.base_model, LAST_GATES, None) or {}
+    record, weights = getattr(model.base_model, LAST_GATES, None) or ({}, None)
     return {f"layer{bank.layer}.{key}": values[:, i]
-            for bank, values in record.items() for i, key in enumerate(bank.keys)}
+            for bank, gates in record.items() for values in [context.per_example(gates, weights)]
+            for i, key in enumerate(bank.keys)}
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..backbones import LayerOutput, MLPOutput, PostLNOutput, PostLNSublayer
 from ..errors import PELTError
-from ..gates import GateSlot, over_hidden
+from ..gates import GateSlot
 from .base import Target, TunerConfig
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -45,7 +45,7 @@ class Adapter(nn.Module):
         up = self.up(self.act(self.down(a)))
         if self.gate is None:
             return residual + up
-        return torch.addcmul(residual, up, over_hidden(self.gate(a)))
+        return torch.addcmul(residual, up, self.gate.scale(a))
 
 
 class AdapterOutput(nn.Module):
@@ -87,7 +87,7 @@ class AdapterMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base(x)
-        return h + self.adapter(h)
+        return self.adapter.add_to(h, h)
 
 
 def _after_layer(layer: nn.Module, args: Any, output: Any) -> Any:

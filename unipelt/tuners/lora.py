@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from ..errors import PELTError
-from ..gates import GateSlot, over_hidden
+from ..gates import GateSlot
 from .base import Target, TunerConfig
 
 TARGETS = ("query", "key", "value")
+SMALL_OUTPUT = 1 << 16  # elements: below it the out-of-place update (fewer ops) wins over a copy saved
 
 
 def _pair(in_features: int, out_features: int, r: int) -> tuple[nn.Linear, nn.Linear]:
@@ -65,11 +66,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.lora_A(self.dropout(x))
-        z = z * (over_hidden(self.gate(x)) if self.gate is not None else self.scaling)
+        z = z * (self.gate.scale(x) if self.gate is not None else self.scaling)
         y = self.base(x)
-        if z.shape[:-1] != y.shape[:-1] or y.dtype != self.lora_B.weight.dtype:
-            # a batch-shared input (DeBERTa's positions) with per-example gates, or autocast (the
-            # in-place addmm_ below is not autocast: the out-of-place path casts for us)
+        if z.shape[:-1] != y.shape[:-1] or y.dtype != self.lora_B.weight.dtype or y.numel() <= SMALL_OUTPUT:
+            # a batch-shared input (DeBERTa's positions) with per-example gates, autocast (the
+            # in-place addmm_ below is not autocast: the out-of-place path casts for us), or a small
+            # output (a generation step: two ops beat the four of the in-place update)
             return y + self.lora_B(z)
         # y += z B^T in place: the base output is not needed for backward, no full-width copy
         y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.weight.t())
@@ -119,7 +121,7 @@ class FusedLoRALinear(nn.Module):
         z = nn.functional.linear(self.dropout(x), a).split(self.r, dim=-1)
         for (t, sl), zt in zip(self.slices.items(), z, strict=True):
             gate = self.gates[t]
-            zt = zt * (over_hidden(gate(x)) if gate is not None else self.scaling)
+            zt = zt * (gate.scale(x) if gate is not None else self.scaling)
             # in place on the base output (not needed for backward): no copy of the whole qkv
             y[..., sl] += self.lora_B[t](zt)
         return y

@@ -106,10 +106,16 @@ class PrefixEncoder(nn.Module):
         self._cache = None
 
 
+def layer_prefix(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """This forward's prefix of ``module``'s layer, (2, kv_heads, length, head_dim) in ``dtype``."""
+    kv = current().prefix[module.pelt_prefix_layer]
+    return kv if kv.dtype == dtype else kv.to(dtype)
+
+
 def gated_prefix(module: nn.Module, batch: int, dtype: torch.dtype,
                  gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """This forward's prefix keys and values of ``module``'s layer, (batch, kv_heads, length, head_dim)."""
-    kv = current().prefix[module.pelt_prefix_layer].to(dtype)  # (2, kv_heads, length, head_dim)
+    kv = layer_prefix(module, dtype)
     if gate is None:
         key, value = kv.unbind(0)
         return key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
@@ -128,7 +134,7 @@ def prefix_for(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Te
 
 def _fill_gate(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Pre-hook of a gated attention module: compute its input's gates (cached for this forward)."""
-    module.pelt_prefix_gate(args[0] if args else kwargs["hidden_states"])
+    module.pelt_prefix_gate.bank.values(args[0] if args else kwargs["hidden_states"])
 
 
 def _extended_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -174,10 +180,13 @@ def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
     per-token gate scales the prefix per query, which runs on doubled head dims."""
     slot = module.pelt_prefix_gate
     gate = slot.cached() if slot is not None else None  # (batch, tokens)
-    pk, pv = gated_prefix(module, query.shape[0], key.dtype, None)
     if gate is not None and query.shape[2] == 1:  # one query (a generation step): scaling the prefix is exact
-        g = gate[:, 0, None, None, None].to(pk.dtype)
-        pk, pv, gate = pk * g, pv * g, None
+        kv = layer_prefix(module, key.dtype)  # keys and values scaled in one multiply (few ops per step)
+        g = gate.view(-1, 1, 1, 1, 1)
+        pk, pv = (kv * (g if g.dtype == kv.dtype else g.to(kv.dtype))).unbind(1)
+        gate = None
+    else:
+        pk, pv = gated_prefix(module, query.shape[0], key.dtype, None)
     if kwargs.get("scaling") is None:  # doubled head dims must keep the original scale
         kwargs["scaling"] = query.shape[-1] ** -0.5
     query, key, value, attention_mask = prefix_inputs(
