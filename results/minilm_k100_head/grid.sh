@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."   # run with the environment where unipelt is installed
 R=results/minilm_k100_head
-HEAD=${HEAD:-mean}           # chosen in diagnose.md
+HEAD=${HEAD:-cls_mlp}        # chosen on dev in the diagnosis (README.md)
 METHODS=finetune,adapter,prefix,lora,unipelt_ap,unipelt_apl
 SWEPT=finetune,adapter,prefix,lora,unipelt_apl   # unipelt_ap takes unipelt_apl's rate
 SETTINGS=(--trainer.accelerator cpu --trainer.num_sanity_val_steps 0 --trainer.enable_progress_bar false
