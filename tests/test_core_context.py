@@ -119,7 +119,7 @@ def test_a_layer_called_alone_is_a_clear_error():
 def test_causal_reduction_keeps_one_gate_per_token_and_reports_the_masked_mean():
     per_token = torch.rand(2, 5, 3)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    weights = context.token_weights(mask, per_token, torch.float32)
+    weights = context.token_weights(mask, (2, 5), per_token.device, torch.float32)
     causal = context.ForwardContext(0, weights, None, causal=True)
     got = causal.reduce(per_token)
     assert torch.equal(got, per_token)  # a position's gate reads that position only

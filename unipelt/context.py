@@ -38,18 +38,33 @@ _ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "token_weights", "prefix", "causal", "gates", "record", "masks", "previous")
+    __slots__ = ("owner", "_weights", "prefix", "_prefix_layers", "causal", "gates", "record", "masks",
+                 "previous")
 
-    def __init__(self, owner: int, token_weights: torch.Tensor, prefix: torch.Tensor | None,
-                 causal: bool = False) -> None:
+    def __init__(self, owner: int, token_weights: torch.Tensor | Callable[[], torch.Tensor],
+                 prefix: torch.Tensor | None, causal: bool = False) -> None:
         self.owner = owner  # id() of the base model whose forward this is
         self.causal = causal  # decoders: gates stay per token
-        self.token_weights = token_weights  # (batch, tokens), rows sum to 1 over real tokens
+        self._weights = token_weights  # or a function computing them: decoders need them only on request
         self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
+        self._prefix_layers: tuple[torch.Tensor, ...] | None = None
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
         self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values() (per token if causal)
         self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(mask) -> (mask, extended)
         self.previous: ForwardContext | None = None
+
+    @property
+    def token_weights(self) -> torch.Tensor:
+        """(batch, tokens), rows sum to 1 over real tokens."""
+        if callable(self._weights):
+            self._weights = self._weights()
+        return self._weights
+
+    def layer_prefix(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s prefix, (2, kv_heads, length, head_dim): one unbind per forward, not a select per layer."""
+        if self._prefix_layers is None:
+            self._prefix_layers = self.prefix.unbind(0)
+        return self._prefix_layers[layer]
 
     def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens; causal
@@ -66,7 +81,7 @@ class ForwardContext:
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
-        ctx = ForwardContext(self.owner, self.token_weights, self.prefix, self.causal)
+        ctx = ForwardContext(self.owner, self._weights, self.prefix, self.causal)
         ctx.record = self.record
         return ctx
 
@@ -102,14 +117,20 @@ def leave(owner: int | None = None) -> ForwardContext | None:
     return ctx
 
 
-def token_weights(mask: torch.Tensor | None, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The attention mask as weights summing to 1 per example (uniform without a mask)."""
-    batch, tokens = reference.shape[:2]
-    if mask is None:
-        return torch.full((batch, tokens), 1.0 / tokens, dtype=dtype, device=reference.device)
-    if mask.dim() != 2:
+def check_mask(mask: torch.Tensor | None) -> None:
+    if mask is not None and mask.dim() != 2:
         raise PELTError(f"unipelt needs a 2D (batch, tokens) attention_mask of 0/1, got shape "
                         f"{tuple(mask.shape)}")
+
+
+def token_weights(mask: torch.Tensor | None, shape: tuple[int, int], device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask as weights summing to 1 per example (uniform without a mask);
+    ``shape``: (batch, tokens) of this forward's input."""
+    batch, tokens = shape
+    if mask is None:
+        return torch.full((batch, tokens), 1.0 / tokens, dtype=dtype, device=device)
+    check_mask(mask)
     weights = mask[:, -tokens:].to(dtype)  # with a KV cache the mask also covers past tokens
     return weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
 

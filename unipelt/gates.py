@@ -76,8 +76,9 @@ class GateSlot:
         """The gate for input ``x``, shaped to scale (batch, tokens, features): (batch, 1, 1), or
         (batch, tokens, 1) when causal, in one slice (a decoder's generation step is counted in ops)."""
         values = self.bank.values(x)
-        i = self.index
-        return values[..., i:i + 1] if values.dim() == 3 else values[:, i:i + 1].unsqueeze(-1)
+        if values.dim() == 3:
+            return values if values.shape[-1] == 1 else values[..., self.index:self.index + 1]
+        return values[:, self.index:self.index + 1].unsqueeze(-1)
 
 
 class GateRequests:

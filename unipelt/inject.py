@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import torch
 from torch import nn
@@ -98,10 +99,14 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     reference = ids if ids is not None else _argument(base, args, kwargs, "inputs_embeds")
     encoder: PrefixEncoder | None = getattr(base, PREFIX_ATTR, None)
     mask = _argument(base, args, kwargs, "attention_mask")
-    weights = context.token_weights(mask, reference, next(base.parameters()).dtype)
+    causal = base._pelt_causal
+    context.check_mask(mask)
+    weights = partial(context.token_weights, mask, tuple(reference.shape[:2]), reference.device,
+                      next(base.parameters()).dtype)
+    if not causal:  # encoders reduce every gate with them; decoders only when gate_values() asks
+        weights = weights()
     if base.training and torch.is_grad_enabled():
         context.bind_checkpointing(spec_for(base).layer_list(base))
-    causal = base._pelt_causal
     context.enter(context.ForwardContext(id(base), weights, encoder() if encoder is not None else None, causal))
     if causal and mask is not None and mask.dim() == 2 and _argument(base, args, kwargs, "position_ids") is None:
         # Positions count real tokens, so left padding shifts none (generate() passes its own).
@@ -113,7 +118,8 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
 def _leave_context(base: nn.Module, args: tuple, output: object) -> None:
     ctx = context.leave(id(base))
     if ctx is not None:
-        setattr(base, LAST_GATES, (ctx.record, ctx.token_weights))
+        # the token weights, or (decoders) the function computing them when gate_values() asks
+        setattr(base, LAST_GATES, (ctx.record, ctx._weights))
 
 
 def _prefix_encoder(model: nn.Module) -> PrefixEncoder | None:
@@ -136,6 +142,8 @@ def fold_prefix(model: nn.Module) -> nn.Module:
 def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
     """The last forward's per-example gates, e.g. ``{"layer3.adapter": tensor(batch)}``; detached, no sync."""
     record, weights = getattr(model.base_model, LAST_GATES, None) or ({}, None)
+    if record and callable(weights):
+        weights = weights()
     return {f"layer{bank.layer}.{key}": values[:, i]
             for bank, gates in record.items() for values in [context.per_example(gates, weights)]
             for i, key in enumerate(bank.keys)}

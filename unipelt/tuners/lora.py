@@ -24,7 +24,7 @@ from ..gates import GateSlot
 from .base import Target, TunerConfig
 
 TARGETS = ("query", "key", "value")
-SMALL_OUTPUT = 1 << 16  # elements: below it the out-of-place update (fewer ops) wins over a copy saved
+SMALL_OUTPUT = 1 << 16  # elements: below it an update in fewer ops beats one that never holds B z whole
 
 
 def _pair(in_features: int, out_features: int, r: int) -> tuple[nn.Linear, nn.Linear]:
@@ -66,15 +66,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.lora_A(self.dropout(x))
-        z = z * (self.gate.scale(x) if self.gate is not None else self.scaling)
+        scale = self.gate.scale(x) if self.gate is not None else self.scaling
         y = self.base(x)
-        if z.shape[:-1] != y.shape[:-1] or y.dtype != self.lora_B.weight.dtype or y.numel() <= SMALL_OUTPUT:
-            # a batch-shared input (DeBERTa's positions) with per-example gates, autocast (the
-            # in-place addmm_ below is not autocast: the out-of-place path casts for us), or a small
-            # output (a generation step: two ops beat the four of the in-place update)
-            return y + self.lora_B(z)
-        # y += z B^T in place: the base output is not needed for backward, no full-width copy
-        y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), self.lora_B.weight.t())
+        if y.dtype != self.lora_B.weight.dtype or (self.gate is not None and scale.shape[0] != y.shape[0]):
+            # a batch-shared input (DeBERTa's positions) with per-example gates, or autocast (the
+            # in-place updates below are not autocast: the out-of-place path casts for us)
+            return y + self.lora_B(z * scale)
+        # In place on the base output, which its backward does not need: no full-width copy.
+        if y.numel() <= SMALL_OUTPUT:  # a generation step: y += scale * B z in the fewest ops
+            update = self.lora_B(z)
+            return y.addcmul_(update, scale) if self.gate is not None else y.add_(update, alpha=self.scaling)
+        y.view(-1, y.shape[-1]).addmm_((z * scale).reshape(-1, z.shape[-1]), self.lora_B.weight.t())
         return y
 
 

@@ -108,7 +108,7 @@ class PrefixEncoder(nn.Module):
 
 def layer_prefix(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """This forward's prefix of ``module``'s layer, (2, kv_heads, length, head_dim) in ``dtype``."""
-    kv = current().prefix[module.pelt_prefix_layer]
+    kv = current().layer_prefix(module.pelt_prefix_layer)
     return kv if kv.dtype == dtype else kv.to(dtype)
 
 
