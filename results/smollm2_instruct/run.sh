@@ -14,6 +14,7 @@ python cli.py fit --config configs/instruct_example.yaml \
   --data.max_seq_length 128 --trainer.max_epochs 4 --trainer.log_every_n_steps 1 \
   --trainer.accelerator cpu --trainer.enable_progress_bar false \
   --trainer.default_root_dir runs/smollm2_instruct --overwrite true
+cp "$(ls -td runs/smollm2_instruct/lightning_logs/version_*/ | head -1)metrics.csv" $HERE/metrics.csv
 python cli.py predict --ckpt_path "$(ls runs/smollm2_instruct/checkpoints/best-*.ckpt)" \
   --data.predict_file $HERE/prompts.jsonl --model.max_new_tokens 32 \
   --model.predict_output $HERE/generations.jsonl --trainer.accelerator cpu \
