@@ -46,6 +46,8 @@ def help_cache_file(argv: list[str]) -> Path | None:
     about 7 s on 2 CPU cores, most of it `import pytorch_lightning` (it pulls torch._dynamo). The text only
     changes when our code, a library or the terminal width does, so the first call renders it and keeps
     it (`$XDG_CACHE_HOME/unipelt/help`, default `~/.cache`); later calls print it in a fraction of a second.
+    Any run of the CLI keeps the texts of all four subcommands too (0.2 s, once), so help is fast after
+    the first command a user runs, whatever it was.
     `UNIPELT_HELP_CACHE=0` turns this off. Anything else on the command line (a --config, a --ckpt_path
     whose settings become defaults) renders afresh.
     """
@@ -60,7 +62,8 @@ def help_cache_file(argv: list[str]) -> Path | None:
     if os.environ.get("UNIPELT_HELP_CACHE", "1") == "0":
         return None
     root = Path(__file__).resolve().parent
-    key = hashlib.sha256(f"{sys.version}|{shutil.get_terminal_size().columns}|{argv[0]}".encode())
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""  # the usage line names it
+    key = hashlib.sha256(f"{sys.version}|{shutil.get_terminal_size().columns}|{prog}|{argv[0]}".encode())
     sources = [Path(__file__).resolve()]
     for package in ("unipelt", "datamodules", "lightning_modules"):
         sources += sorted((root / package).rglob("*.py"))
@@ -75,6 +78,21 @@ def help_cache_file(argv: list[str]) -> Path | None:
     key.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(("JSONARGPARSE", "PL_")))).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unipelt" / "help"
     return cache / f"{argv[0]}-{key.hexdigest()[:20]}.txt"
+
+
+def _store_help(path: Path, text: str) -> bool:
+    """Keep ``text`` at ``path`` (a reader never sees half of it); False where it cannot be written
+    (a read-only home: help still works, only slower)."""
+    import os
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError:
+        return False
+    return True
 
 
 def _print_cached_help(argv: list[str]) -> None:
@@ -302,7 +320,22 @@ class UniPELTCLI(LightningCLI):
         if ckpt_path is not None and str(ckpt_path) not in _SPECIAL_CKPT:
             load_checkpoint_file(ckpt_path, mmap=True)
 
+    def _keep_help_texts(self) -> None:
+        """Keep each subcommand's help (help_cache_file) from this run's parser, which is the one a bare
+        `SUBCOMMAND --help` builds: not when a checkpoint's settings became its defaults, nor for the
+        instruction CLI (whose options `fit --help` does not show)."""
+        if type(self) is not UniPELTCLI or self.ckpt_defaults or os.environ.get("LOCAL_RANK", "0") != "0":
+            return
+        action = getattr(self.parser, "_subcommands_action", None)
+        for name, parser in (action._name_parser_map.items() if action is not None else ()):
+            path = help_cache_file([name, "--help"])
+            if path is None or path.exists():
+                continue
+            if not _store_help(path, parser.format_help()):
+                return
+
     def before_instantiate_classes(self) -> None:
+        self._keep_help_texts()
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         if self.subcommand == "predict":
             if config.trainer.devices not in ("auto", 1, "1", None) or config.trainer.num_nodes != 1:
@@ -630,13 +663,7 @@ def _keep_help(argv: list[str]) -> Iterator[None]:
             yield
     except SystemExit as done:
         if done.code in (0, None) and shown.getvalue():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(f".{os.getpid()}.tmp")
-                partial.write_text(shown.getvalue())
-                os.replace(partial, path)  # a reader never sees half a text
-            except OSError:  # a read-only home: help still works, only slower
-                pass
+            _store_help(path, shown.getvalue())
         raise
 
 

@@ -340,3 +340,22 @@ def test_kept_help_prints_without_importing_torch(tmp_path):
     second = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert second.returncode == 0 and second.stdout == first.stdout and second.stderr.strip() == "False"
+
+
+def test_any_run_keeps_every_subcommands_help(capsys, monkeypatch, tmp_path, tiny_model, glue_dir):
+    import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / SUMMARY_FILE).write_text("{}")  # a finished run: fit stops right after parsing, with exit 2
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *common_args(tiny_model, glue_dir, out)])
+    assert exc.value.code == 2
+    kept = {name: cli.help_cache_file([name, "--help"]) for name in cli.HELP_SUBCOMMANDS}
+    assert all(path.exists() for path in kept.values())
+    capsys.readouterr()
+    monkeypatch.setenv("UNIPELT_HELP_CACHE", "0")  # render afresh: the kept text is what a bare --help prints
+    with pytest.raises(SystemExit):
+        main(["test", "--help"])
+    assert capsys.readouterr().out == kept["test"].read_text()
