@@ -169,8 +169,19 @@ def efficiency_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+class RunsTwice(ValueError):
+    """The folder holds some run more than once (several grids, or a sweep beside its grid)."""
+
+
 def build(root: Path, baselines: Baselines | None = None) -> Report:
     records = load_records(root)
+    seen: dict[tuple[str, str, str, int], str] = {}
+    for rec in records:
+        where = seen.setdefault(run_id(rec), str(Path(rec["_path"]).parent.relative_to(root)))
+        if where != str(Path(rec["_path"]).parent.relative_to(root)):
+            k, task, method, seed = run_id(rec)
+            raise RunsTwice(f"{root} holds {task} K={k} {method} seed {seed} twice ({where} and "
+                            f"{Path(rec['_path']).parent.relative_to(root)}): pass one grid folder")
     cells = aggregate(records, load_planned(root))
     table2 = paired_rows(cells, _ks(cells), lambda k: _tasks(cells, k))
     return Report(table1_rows(cells, baselines), table2, efficiency_rows(records), records)
@@ -481,6 +492,8 @@ def main(argv: Sequence[str]) -> int:
     if not args.root.is_dir():
         print(f"error: {args.root} is not a folder; pass a grid folder written by `unipelt reproduce`", file=sys.stderr)
         return 2
+    # A results folder keeps its grid in grid/ beside sweeps and diagnoses (results/minilm_k100_head): that grid.
+    root = args.root / "grid" if (args.root / "grid").is_dir() else args.root
     baselines = None
     if args.data_dir:
         from datamodules import DataConfigError
@@ -492,7 +505,11 @@ def main(argv: Sequence[str]) -> int:
         except DataConfigError as err:
             print(f"error: --data-dir: {err}", file=sys.stderr)
             return 2
-    rep = build(args.root, baselines)
+    try:
+        rep = build(root, baselines)
+    except RunsTwice as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = args.out or args.root / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = to_markdown(rep)

@@ -188,6 +188,24 @@ def test_report_command_writes_markdown_csv_and_gates(grid, tmp_path):
     }
 
 
+def test_a_results_folder_reports_its_grid_and_a_run_held_twice_is_refused(grid, tmp_path, capsys):
+    import shutil
+
+    root, _ = grid
+    results = tmp_path / "results"
+    shutil.copytree(root, results / "grid")
+    shutil.copytree(root, results / "sweep" / "x3")  # the same runs again: a sweep beside its grid
+    assert reproduce.main(["report", str(results)]) == 0  # reads results/grid, writes results/report.md
+    assert reproduce.main(["report", str(root), "--out", str(tmp_path / "direct.md")]) == 0
+    assert (results / "report.md").read_text() == (tmp_path / "direct.md").read_text()
+    capsys.readouterr()
+    shutil.move(results / "grid", results / "main")  # no grid/ any more: both copies would be read
+    assert reproduce.main(["report", str(results), "--out", str(tmp_path / "y.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "twice" in err and "main/" in err and "sweep/x3/" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "y.md").exists()
+
+
 def test_markdown_has_baseline_row(grid):
     root, _ = grid
     text = to_markdown(build(root, {"rte": 52.7, "mrpc": 81.2, "stsb": None}))
