@@ -121,6 +121,13 @@ def _read_delimited(file: Path, name: str, fmt: str) -> tuple[dict[str, list[Any
 
 
 def _read_jsonl(file: Path, name: str) -> tuple[dict[str, list[Any]], list[int]]:
+    rows, lines = read_jsonl_rows(file, name)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: [r.get(k) for r in rows] for k in keys}, lines
+
+
+def read_jsonl_rows(file: Path, name: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """One JSON object per non-blank line, as written (rows may differ in keys), and each row's line."""
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     try:
@@ -138,8 +145,7 @@ def _read_jsonl(file: Path, name: str) -> tuple[dict[str, list[Any]], list[int]]
             raise DataConfigError(f"{name}:{lineno}: expected a JSON object per line, found {type(row).__name__}")
         rows.append(row)
         lines.append(lineno)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return {k: [r.get(k) for r in rows] for k in keys}, lines
+    return rows, lines
 
 
 def read_hub(name: str, split: str, option: str) -> Table | None:

@@ -21,7 +21,6 @@ length (see ``padding_share``). Evaluation runs longest rows first; prediction p
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,56 +35,40 @@ from transformers import AutoTokenizer
 
 from datamodules.cache import cache_key, default_cache_dir, load_or_build, tokenizer_identity
 from datamodules.errors import DataConfigError
+from datamodules.files import file_format, read_jsonl_rows, read_table
 from datamodules.glue import _eval_sampler
 from datamodules.resumable import ResumableDataLoader
 from datamodules.samplers import EpochSeededRandomSampler, OrderedEvalSampler, longest_first
 from datamodules.splits import check_split_size, few_shot_split
 
 IGNORE_INDEX = -100  # what Hugging Face's cross-entropy skips
-FORMATS = (".jsonl", ".json", ".csv")
+FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")  # what files.read_table reads, and JSON arrays
 ROLES = ("system", "user", "assistant", "tool")
 
 
 # ----------------------------------------------------------------------------------------- reading
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSON Lines / JSON array / CSV file; a bad file is one DataConfigError naming file:line."""
+def read_rows(path: str | Path, option: str = "file") -> list[dict[str, Any]]:
+    """Rows of a file, one dict each: what `datamodules.files` reads (CSV, TSV, JSON Lines, parquet; a bad
+    row is one DataConfigError naming file:line), plus a ``.json`` file holding one JSON array of objects."""
     path = Path(path).expanduser()
-    if path.suffix.lower() not in FORMATS:
-        raise DataConfigError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise DataConfigError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        rows = []
-        for row in reader:
-            if None in row or None in row.values():
-                raise DataConfigError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames or [])} columns")
-            rows.append(dict(row))
-        return rows
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    if path.suffix.lower() == ".json" and path.is_file():
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataConfigError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-        if not all(isinstance(r, dict) for r in rows):
-            raise DataConfigError(f"{path}: a JSON array of objects is expected")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataConfigError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise DataConfigError(f"{path}:{lineno}: each line must be a JSON object, found {type(row).__name__}")
-        rows.append(row)
-    return rows
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise DataConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        if text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+            if not all(isinstance(r, dict) for r in rows):
+                raise DataConfigError(f"{path}: a JSON array of objects is expected")
+            return rows
+    if file_format(str(path)) == "jsonl" and path.is_file():  # rows as written: chat and prompt rows may mix
+        return read_jsonl_rows(path, str(path))[0]
+    table = read_table(str(path), option)
+    names = list(table.columns)
+    return [dict(zip(names, values, strict=True)) for values in zip(*table.columns.values(), strict=True)]
 
 
 def _where(path: str, i: int) -> str:
@@ -267,7 +250,8 @@ class InstructionDataModule(pl.LightningDataModule):
     Args:
         model_name_or_path: the backbone whose tokenizer (and chat template) is used.
         gguf_file: a GGUF file in that folder to read the tokenizer from (``from_pretrained(gguf_file=)``).
-        train_file / validation_file / test_file / predict_file: ``.jsonl``, ``.json`` or ``.csv``.
+        train_file / validation_file / test_file / predict_file: ``.jsonl``, ``.json`` (lines or an array),
+            ``.csv``, ``.tsv`` or ``.parquet``.
         dataset / dataset_config: a hub dataset (``datasets.load_dataset``) instead of files;
             splits by ``train_split`` / ``validation_split`` / ``test_split`` names.
         prompt_field / response_field / messages_field: column names.
@@ -325,7 +309,7 @@ class InstructionDataModule(pl.LightningDataModule):
         for name in ("train_file", "validation_file", "test_file", "predict_file"):
             path = getattr(self.hparams, name)
             if path is not None:  # fail before training starts
-                if Path(path).suffix.lower() not in FORMATS:
+                if file_format(path) is None:
                     raise DataConfigError(f"{name}={path!r}: unknown file type; use one of {', '.join(FORMATS)}")
                 if not Path(path).expanduser().is_file():
                     raise DataConfigError(f"{name}={path!r}: no such file")
@@ -361,7 +345,7 @@ class InstructionDataModule(pl.LightningDataModule):
         h = self.hparams
         path = getattr(h, f"{split}_file")
         if path is not None:
-            return read_rows(path), str(path)
+            return read_rows(path, f"{split}_file"), str(path)
         name = {"train": h.train_split, "validation": h.validation_split, "test": h.test_split}.get(split)
         if h.dataset is None or name is None:
             return None
@@ -456,11 +440,12 @@ class InstructionDataModule(pl.LightningDataModule):
         if stage in (None, "predict") and self.hparams.predict_file is not None:
             self._load_predict()
         elif stage == "predict":
-            raise DataConfigError("predict_file=None: `predict` needs predict_file (JSON Lines, JSON or CSV)")
+            raise DataConfigError(
+                "predict_file=None: `predict` needs predict_file (JSON Lines, JSON, CSV, TSV or parquet)")
 
     def _load_predict(self) -> None:
         path = self.hparams.predict_file
-        rows = read_rows(path)
+        rows = read_rows(path, "predict_file")
         if not rows:
             raise DataConfigError(f"{path}: no rows to generate for")
         renderer, max_length = self._renderer(), self.hparams.max_seq_length

@@ -69,7 +69,7 @@ def test_bad_instruction_file_is_one_line_exit_2(tiny_llama, tmp_path, capsys) -
               "--trainer.default_root_dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not progress bars
-    assert len(err) == 1 and err[0].startswith("error: ") and "bad.jsonl:2: invalid JSON" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "bad.jsonl:2: not valid JSON" in err[0]
 
 
 def test_instruct_example_config_parses(capsys) -> None:

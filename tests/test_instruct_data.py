@@ -103,14 +103,15 @@ def test_csv_and_json_array_read_as_jsonl(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("content", "suffix", "message"),
     [
-        ('{"prompt": "a", "response": "b"}\n{"prompt": "a", \n', ".jsonl", "x.jsonl:2: invalid JSON"),
-        ('{"prompt": "a", "response": "b"}\n[1, 2]\n', ".jsonl", "x.jsonl:2: each line must be a JSON object"),
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a", \n', ".jsonl", "x.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\n[1, 2]\n', ".jsonl", "x.jsonl:2: expected a JSON object per line"),
         ('{"prompt": "a", "answer": "b"}\n', ".jsonl", "x.jsonl row 1: needs a text 'response' field"),
         ('{"question": "a"}\n', ".jsonl", "x.jsonl row 1: needs a text 'prompt' field"),
         ('{"messages": [{"role": "user", "content": "a"}]}\n', ".jsonl", "has no assistant turn"),
         ('{"messages": [{"role": "bot", "content": "a"}]}\n', ".jsonl", "'messages' must be a non-empty list"),
-        ("prompt,response\na,b,c\n", ".csv", "x.csv:2: expected 2 columns"),
-        ("prompt\tresponse\n", ".tsv", "unknown file type"),
+        ("prompt,response\na,b,c\n", ".csv", "x.csv:2: expected 2 comma-separated fields"),
+        ("prompt\tresponse\n", ".tsv", "the file has no data rows"),
+        ("prompt,response\n", ".xml", "unknown file type"),
     ],
 )
 def test_bad_files_fail_in_one_line_naming_file_and_problem(tmp_path, content, suffix, message) -> None:
