@@ -269,9 +269,9 @@ def _head_names(model: nn.Module) -> list[str]:
 
 def _peft_task_type(model: nn.Module) -> str:
     """PEFT's task type, which picks the wrapper class `PeftModel.from_pretrained` builds."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from .io import is_causal_lm
 
-    return "CAUSAL_LM" if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else "SEQ_CLS"
+    return "CAUSAL_LM" if is_causal_lm(type(model).__name__) else "SEQ_CLS"
 
 
 def _plain_model(merged: nn.Module) -> nn.Module:

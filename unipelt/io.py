@@ -94,7 +94,7 @@ def check_identity(saved: dict[str, Any], model: nn.Module, config: PELTConfig |
             f"backbone differs: saved on {describe(sb, sb.get('model_name_or_path', '?'))} but the model is "
             f"{describe(ob, ob['model_name_or_path'])}"
         )
-    if sb.get("architecture") and _is_causal_lm(sb["architecture"]) != _is_causal_lm(ob["architecture"]):
+    if sb.get("architecture") and is_causal_lm(sb["architecture"]) != is_causal_lm(ob["architecture"]):
         raise PELTError(f"model class differs: saved on a {sb['architecture']} but the model is a "
                         f"{ob['architecture']} (a language model and a classifier have different heads)")
     types = (sb.get("problem_type"), ob["problem_type"])  # None: transformers infers it from the labels
@@ -316,7 +316,8 @@ def resolve_local(name: str | os.PathLike) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
-def _is_causal_lm(architecture: str) -> bool:
+def is_causal_lm(architecture: str) -> bool:
+    """Whether a model class name (``LlamaForCausalLM``) is a transformers causal language model."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -328,7 +329,7 @@ def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:
     name = resolve_local(backbone["model_name_or_path"])
     id2label = {int(i): label for i, label in backbone["id2label"].items()}
     try:
-        if _is_causal_lm(backbone.get("architecture") or ""):  # records before it was kept: classifiers
+        if is_causal_lm(backbone.get("architecture") or ""):  # records before it was kept: classifiers
             return AutoModelForCausalLM.from_pretrained(name, **kwargs)
         config = AutoConfig.from_pretrained(name, num_labels=backbone["num_labels"], id2label=id2label,
                                             label2id={v: k for k, v in id2label.items()},
