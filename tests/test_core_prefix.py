@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+import unipelt.tuners.prefix as prefix_module
 from unipelt import (
     PRESETS,
     PELTConfig,
@@ -296,3 +297,37 @@ def test_bert_base_counts_match_paper_table_4(bert_base_counts):
     assert c["unipelt_ap"] == 894_528 + 184_320 + 24 * 769
     assert c["bitfit"] == 102_912  # "103K": every bias of the backbone (LayerNorms included)
     assert bert_base_counts["finetune"] == 109_483_778
+
+
+def blank_slots_used(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every blank-slot count the prefix attention picks."""
+    seen, alignment = [], prefix_module._alignment
+    monkeypatch.setattr(prefix_module, "_alignment", lambda *a: seen.append(alignment(*a)) or seen[-1])
+    return seen
+
+
+def forward_and_grads(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, dict]:
+    model.zero_grad()
+    out = model(**inputs, labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert", "modernbert"])
+@pytest.mark.parametrize("lengths", [[7, 5], [7, 7]], ids=["padded", "unpadded"])
+def test_blank_slots_aligning_the_keys_change_nothing(family, lengths, monkeypatch):
+    """CPU SDPA pads the prefix with masked zero keys up to a multiple of 16 keys: logits and
+    gradients must be those of the unaligned prefix (with and without a padding mask)."""
+    model = pelt(family, "unipelt_apl")
+    model.train()  # dropout is off in the tiny configs; train mode runs the prefix MLP with grad
+    inputs = batch(family, lengths)
+    seen = blank_slots_used(monkeypatch)
+    logits, grads = forward_and_grads(model, inputs)
+    assert seen and all(b == 16 - (7 + LENGTH) % 16 for b in seen)  # 17 keys -> 15 blank slots
+    monkeypatch.setattr(prefix_module, "ALIGN", 1)
+    ref_logits, ref_grads = forward_and_grads(model, inputs)
+    assert seen[-1] == 0
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)

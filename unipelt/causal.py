@@ -29,10 +29,14 @@ def causal_mask_like(query: torch.Tensor, key: torch.Tensor, additive: bool) -> 
     return mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
 
 
-def extend_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
-    """Prepend ``length`` always-attendable key positions to a 4D bool or additive mask."""
-    fill = True if mask.dtype == torch.bool else 0.0
-    pad = torch.full((*mask.shape[:-1], length), fill, dtype=mask.dtype, device=mask.device)
+def extend_mask(mask: torch.Tensor, length: int, blank: int = 0) -> torch.Tensor:
+    """Prepend ``length`` key positions to a 4D bool or additive mask: always attendable, except
+    the last ``blank`` of them, which are never (blank slots that align the key count)."""
+    boolean = mask.dtype == torch.bool
+    pad = torch.full((*mask.shape[:-1], length), True if boolean else 0.0, dtype=mask.dtype,
+                     device=mask.device)
+    if blank:
+        pad[..., length - blank:] = False if boolean else torch.finfo(mask.dtype).min
     return torch.cat([pad, mask], dim=-1)
 
 

@@ -38,8 +38,8 @@ _ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "_weights", "prefix", "_prefix_layers", "causal", "gates", "record", "masks",
-                 "previous")
+    __slots__ = ("owner", "_weights", "prefix", "_prefix_layers", "_blank", "causal", "gates", "record",
+                 "masks", "previous")
 
     def __init__(self, owner: int, token_weights: torch.Tensor | Callable[[], torch.Tensor],
                  prefix: torch.Tensor | None, causal: bool = False) -> None:
@@ -48,9 +48,10 @@ class ForwardContext:
         self._weights = token_weights  # or a function computing them: decoders need them only on request
         self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
         self._prefix_layers: tuple[torch.Tensor, ...] | None = None
+        self._blank = 0  # zero rows after each layer's prefix in _prefix_layers
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
         self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values() (per token if causal)
-        self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(mask) -> (mask, extended)
+        self.masks: dict[object, Any] = {}  # id(mask) -> (mask, extended); ("unmasked", keys) -> mask
         self.previous: ForwardContext | None = None
 
     @property
@@ -60,10 +61,16 @@ class ForwardContext:
             self._weights = self._weights()
         return self._weights
 
-    def layer_prefix(self, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s prefix, (2, kv_heads, length, head_dim): one unbind per forward, not a select per layer."""
-        if self._prefix_layers is None:
-            self._prefix_layers = self.prefix.unbind(0)
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix.shape[-2]
+
+    def layer_prefix(self, layer: int, blank: int = 0) -> torch.Tensor:
+        """Layer ``layer``'s prefix, (2, kv_heads, length + blank, head_dim), ``blank`` zero rows
+        last: one pad and one unbind per forward, not a select per layer."""
+        if self._prefix_layers is None or self._blank != blank:
+            prefix = nn.functional.pad(self.prefix, (0, 0, 0, blank)) if blank else self.prefix
+            self._prefix_layers, self._blank = prefix.unbind(0), blank
         return self._prefix_layers[layer]
 
     def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
