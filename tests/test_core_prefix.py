@@ -331,3 +331,14 @@ def test_blank_slots_aligning_the_keys_change_nothing(family, lengths, monkeypat
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_no_blank_slots_with_attention_dropout(monkeypatch):
+    """With attention dropout CPU SDPA runs its math path, where every blank key costs time."""
+    model = apply_pelt(tiny("bert", attention_probs_dropout_prob=0.1), PELTConfig.preset("unipelt_apl"))
+    seen = blank_slots_used(monkeypatch)
+    model.train()
+    model(**batch("bert", [7, 5]))
+    model.eval()
+    model(**batch("bert", [7, 5]))
+    assert seen == [0] * 2 + [15] * 2  # two layers in train mode, then two in eval mode

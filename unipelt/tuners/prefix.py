@@ -149,13 +149,14 @@ def _extended_mask(mask: torch.Tensor, length: int, blank: int) -> torch.Tensor:
     return extended
 
 
-ALIGN = 16  # CPU SDPA runs 138 keys ~30 % slower than 144: blank prefix slots round the keys up
+ALIGN = 16  # CPU flash attention runs 138 keys ~30 % slower than 144: blank prefix slots round the keys up
 
 
-def _alignment(base_impl: str, key: torch.Tensor, length: int) -> int:
-    """Blank prefix slots that round the key count up to a multiple of ``ALIGN`` (CPU SDPA only:
-    on GPU an explicit mask could move SDPA off its fastest kernel)."""
-    if base_impl != "sdpa" or key.device.type != "cpu":
+def _alignment(base_impl: str, key: torch.Tensor, length: int, dropout: float) -> int:
+    """Blank prefix slots that round the key count up to a multiple of ``ALIGN``, where SDPA runs
+    its CPU flash kernel. Not with attention dropout (CPU SDPA then runs the math path, whose cost
+    grows with every key), nor on GPU (an explicit mask could move SDPA off its fastest kernel)."""
+    if base_impl != "sdpa" or key.device.type != "cpu" or dropout:
         return 0
     return -(key.shape[2] + length) % ALIGN
 
@@ -177,7 +178,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                                         base_impl=base_impl, **kwargs)
     if getattr(module, "pelt_prefix_layer", None) is not None:
         slot = module.pelt_prefix_gate
-        blank = _alignment(base_impl, key, current().prefix_length)
+        blank = _alignment(base_impl, key, current().prefix_length, kwargs.get("dropout", 0.0))
         if blank and attention_mask is None:
             attention_mask = _unmasked(query, key.shape[2])
         pk, pv = gated_prefix(module, query.shape[0], key.dtype,
