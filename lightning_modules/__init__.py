@@ -1,5 +1,6 @@
 """Lightning glue: the UniPELT model on a GLUE task, and checkpoints that resume exactly."""
 
+from lightning_modules.base import PELTModule
 from lightning_modules.checkpointing import (
     AtomicCheckpointIO,
     CheckpointFileError,
@@ -22,6 +23,7 @@ __all__ = [
     "LastCheckpoint",
     "ModelConfigError",
     "ExactResume",
+    "PELTModule",
     "UniPELTLightningModule",
     "load_checkpoint_file",
 ]

@@ -11,25 +11,21 @@ as for encoders, with the same identity checks (method, backbone).
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_modules.checkpointing import ExactResume, LastCheckpoint
-from lightning_modules.unipelt_module import (
+from lightning_modules.base import (
     CheckpointMismatchError,
     ModelConfigError,
-    UniPELTLightningModule,
-    _check_options,
+    PELTModule,
+    check_options,
+    check_training_options,
     saved_identity,
 )
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, spec_for
@@ -39,7 +35,7 @@ TASK = "instruct"  # what checkpoints record as their task
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CausalLMModule(pl.LightningModule):
+class CausalLMModule(PELTModule):
     """A frozen decoder LLM with gated UniPELT submodules, trained on instruction data.
 
     Args:
@@ -53,6 +49,8 @@ class CausalLMModule(pl.LightningModule):
         predict_output: where `predict` writes its JSON Lines (default `<default_root_dir>/generations.jsonl`).
         early_stopping_patience, checkpoint_every_n_steps: as for encoders (monitoring dev loss).
     """
+
+    monitor_mode = "min"  # dev loss
 
     def __init__(
         self,
@@ -74,16 +72,11 @@ class CausalLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _check_options(
-            learning_rate=(learning_rate, learning_rate is None or 0 < learning_rate < math.inf, "> 0"),
-            weight_decay=(weight_decay, 0 <= weight_decay < math.inf, ">= 0"),
-            warmup_ratio=(warmup_ratio, 0 <= warmup_ratio <= 1, "in 0..1"),
+        check_training_options(learning_rate, weight_decay, warmup_ratio, early_stopping_patience,
+                               checkpoint_every_n_steps)
+        check_options(
             dtype=(dtype, dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
             max_new_tokens=(max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, ">= 1"),
-            early_stopping_patience=(
-                early_stopping_patience, early_stopping_patience is None or early_stopping_patience >= 0, ">= 0"),
-            checkpoint_every_n_steps=(
-                checkpoint_every_n_steps, checkpoint_every_n_steps is None or checkpoint_every_n_steps >= 0, ">= 0"),
         )
         if method not in PRESETS:
             raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
@@ -91,7 +84,7 @@ class CausalLMModule(pl.LightningModule):
         self.learning_rate = learning_rate if learning_rate is not None else PRESETS[method].learning_rate
         self.model = self._build_model()
         self.strict_loading = False  # checkpoints hold only the trainable tensors
-        self.main_metric = "val/loss"
+        self.main_metric = "val/loss"  # lower is better: monitor_mode "min"
         self.val_loss = MeanMetric()  # weighted by response tokens: a token-level mean over the split
         self.test_loss = MeanMetric()
         self._tokenizer: Any = None
@@ -123,17 +116,9 @@ class CausalLMModule(pl.LightningModule):
     def max_input_length(self) -> int:
         return spec_for(self.model).max_input_length(self.model.config)
 
-    def forward(self, **batch: torch.Tensor) -> Any:
-        return self.model(**batch)
-
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}: "
-                f"the learning rate ({self.learning_rate:g}) is likely too high"
-            )
+        loss = self.checked_loss(self.model(**batch).loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -190,31 +175,7 @@ class CausalLMModule(pl.LightningModule):
         os.replace(tmp, path)
         self.predictions_path = path
 
-    # ----------------------------------------------------------------------------- optimisation
-    configure_optimizers = UniPELTLightningModule.configure_optimizers
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """Model selection on dev loss (lower is better); `last.ckpt` and exact resume as for encoders."""
-        if self._trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
-            return []
-        dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints") if self._trainer is not None else None
-        callbacks: list[pl.Callback] = [
-            ModelCheckpoint(dirpath=dirpath, monitor=self.main_metric, mode="min", save_top_k=1,
-                            filename="best-{epoch}-{step}", auto_insert_metric_name=False),
-            LastCheckpoint(dirpath=dirpath, every_n_train_steps=self.hparams.get("checkpoint_every_n_steps") or 0),
-            ExactResume(),
-        ]
-        if self.hparams.early_stopping_patience is not None:
-            callbacks.append(EarlyStopping(monitor=self.main_metric, mode="min",
-                                           patience=self.hparams.early_stopping_patience))
-        return callbacks
-
     # ----------------------------------------------------------------------------- checkpoints
-    # The same format and checks as for encoders: trainable tensors only, identity verified on load.
-    trainable_parameter_names = UniPELTLightningModule.trainable_parameter_names
-    on_save_checkpoint = UniPELTLightningModule.on_save_checkpoint
-    on_load_checkpoint = UniPELTLightningModule.on_load_checkpoint
-
     def checkpoint_identity(self) -> dict[str, Any]:
         """unipelt.io's identity (method, PELT config, backbone) and the task, ``instruct``."""
         return {**identity(self.model, str(self.hparams.model_name_or_path)), "task": TASK}
@@ -225,9 +186,7 @@ class CausalLMModule(pl.LightningModule):
         if saved.get("task") != TASK:
             raise CheckpointMismatchError(f"task differs: the checkpoint was trained on {saved.get('task')!r}, "
                                           f"not on instruction data")
-        missing = self.trainable_parameter_names - set(checkpoint.get("state_dict", {}))
-        if missing:
-            raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {min(missing)}")
+        self.check_complete(checkpoint)
 
     def parameter_counts(self) -> dict[str, int]:
         return {"trainable_params": count_trainable(self.model),

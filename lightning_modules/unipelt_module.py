@@ -8,57 +8,33 @@ frozen backbone (it is rebuilt from `model_name_or_path` when a checkpoint is lo
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MetricCollection
-from transformers import AutoConfig, AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from datamodules.hub import MODEL_HINT, prepare_for, resolve_local, unreachable
 from datamodules.tasks import TaskInfo, task_from
-from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
+from lightning_modules.base import (
+    CheckpointMismatchError,
+    ModelConfigError,
+    PELTModule,
+    check_options,
+    check_training_options,
+    saved_identity,
+)
 from lightning_modules.metrics import make_metric
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values, spec_for
-from unipelt.io import check_identity, identity
+from unipelt.io import identity
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not belong to the configured run (method, backbone or task differ)."""
-
-
-class ModelConfigError(ValueError):
-    """A bad `--model.*` value (a path that is not a model, a bad option), told in one line."""
-
-
-def _check_options(**checks: tuple[Any, bool, str]) -> None:
-    for name, (value, ok, rule) in checks.items():
-        if not ok:
-            raise ModelConfigError(f"--model.{name} {value!r}: must be {rule}")
-
-
-def saved_identity(checkpoint: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
-    """The checkpoint's unipelt identity, checked against ``model`` with the same check as
-    ``unipelt.from_pretrained`` (method, backbone, labels); CheckpointMismatchError names what differs."""
-    saved = checkpoint.get(CHECKPOINT_KEY)
-    if saved is None:
-        raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
-    try:
-        check_identity(saved, model)
-    except PELTError as err:
-        raise CheckpointMismatchError(str(err)) from None
-    return saved
-
-
-class UniPELTLightningModule(pl.LightningModule):
+class UniPELTLightningModule(PELTModule):
     """A frozen Hugging Face encoder with gated UniPELT submodules, trained on one task.
 
     Args:
@@ -94,21 +70,8 @@ class UniPELTLightningModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _check_options(
-            learning_rate=(learning_rate, learning_rate is None or 0 < learning_rate < math.inf, "> 0"),
-            weight_decay=(weight_decay, 0 <= weight_decay < math.inf, ">= 0"),
-            warmup_ratio=(warmup_ratio, 0 <= warmup_ratio <= 1, "in 0..1"),
-            early_stopping_patience=(
-                early_stopping_patience,
-                early_stopping_patience is None or early_stopping_patience >= 0,
-                ">= 0 (or null: never stop early)",
-            ),
-            checkpoint_every_n_steps=(
-                checkpoint_every_n_steps,
-                checkpoint_every_n_steps is None or checkpoint_every_n_steps >= 0,
-                ">= 0 (0 or null: after each validation only)",
-            ),
-        )
+        check_training_options(learning_rate, weight_decay, warmup_ratio, early_stopping_patience,
+                               checkpoint_every_n_steps)
         self.task_info: TaskInfo = task_from(task)
         method = str(method).lower()
         self.hparams.method = method
@@ -117,7 +80,7 @@ class UniPELTLightningModule(pl.LightningModule):
         _check_overrides_used(method, pelt_overrides or {})
         overrides = dict(pelt_overrides or {})
         if head is not None:  # --model.head feeds the PELTConfig like an override
-            _check_options(head=(head, overrides.get("head", head) == head,
+            check_options(head=(head, overrides.get("head", head) == head,
                                  f"the head pelt_overrides gives ({overrides.get('head')!r}), or left unset"))
             overrides["head"] = head
         self.pelt_config = PELTConfig.preset(method, **overrides)
@@ -180,13 +143,6 @@ class UniPELTLightningModule(pl.LightningModule):
     def _metrics(self, prefix: str) -> MetricCollection:
         return MetricCollection({m: make_metric(m, self.task_info) for m in self.task_info.metrics}, prefix=prefix)
 
-    @property
-    def trainable_parameter_names(self) -> set[str]:
-        return {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-
-    def forward(self, **batch: torch.Tensor) -> Any:
-        return self.model(**batch)
-
     def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.squeeze(-1) if self.task_info.is_regression else logits.argmax(-1)
 
@@ -201,12 +157,7 @@ class UniPELTLightningModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}: "
-                f"the learning rate ({self.learning_rate:g}) is likely too high"
-            )
+        loss = self.checked_loss(self.model(**batch).loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["labels"].shape[0])
         return loss
 
@@ -260,59 +211,6 @@ class UniPELTLightningModule(pl.LightningModule):
         )
         self.last_test_gates = self._reduce_gates()
 
-    # ----------------------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        spec = spec_for(self.model)  # biases and the family's normalisation weights take no decay
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (decay if spec.decays(name) else no_decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.learning_rate,
-            eps=self.hparams.adam_epsilon,
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = math.ceil(self.hparams.warmup_ratio * total)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """Model selection on the task's main dev metric (paper: F1 > Matthews > Spearman > accuracy), plus
-        what an exact resume needs: `last.ckpt` every `checkpoint_every_n_steps` steps and the RNG states.
-
-        Checkpoints go to `<default_root_dir>/checkpoints/` whatever the logger's version, so that
-        `--ckpt_path last` finds them in the next process and the best-checkpoint bookkeeping resumes.
-
-        Only for `fit`: `validate`/`test` need none of them, and on a trainer that already holds them
-        (the test after fit) Lightning 2.6 replaces callbacks by type walking a set, so whether the old
-        `LastCheckpoint` (a ModelCheckpoint subclass) is replaced depends on hash order. Ranks could
-        then hold different numbers of checkpoint callbacks, whose setup broadcasts hang DDP.
-        """
-        if self._trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
-            return []
-        dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints") if self._trainer is not None else None
-        callbacks: list[pl.Callback] = [
-            ModelCheckpoint(
-                dirpath=dirpath,
-                monitor=self.main_metric,
-                mode="max",
-                save_top_k=1,
-                filename="best-{epoch}-{step}",
-                auto_insert_metric_name=False,
-            ),
-            LastCheckpoint(dirpath=dirpath, every_n_train_steps=self.hparams.get("checkpoint_every_n_steps") or 0),
-            ExactResume(),
-        ]
-        if self.hparams.early_stopping_patience is not None:
-            callbacks.append(
-                EarlyStopping(monitor=self.main_metric, mode="max", patience=self.hparams.early_stopping_patience)
-            )
-        return callbacks
-
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
         """What an export's unipelt_config.json records (method, PELT config, backbone), plus the task and labels."""
@@ -321,20 +219,6 @@ class UniPELTLightningModule(pl.LightningModule):
             "task": self.task_info.name,
             "labels": list(self.task_info.label_names),
         }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_parameter_names
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:  # never let NaN weights replace the last good checkpoint
-            raise FloatingPointError(
-                f"non-finite trainable weights ({bad[0]}) at global step {self.global_step}: "
-                f"the learning rate ({self.learning_rate:g}) is likely too high"
-            )
-        checkpoint[CHECKPOINT_KEY] = self.checkpoint_identity()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.check_checkpoint(checkpoint)
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Raise CheckpointMismatchError naming what differs (method, backbone or task) if `checkpoint` is not ours."""
@@ -349,9 +233,7 @@ class UniPELTLightningModule(pl.LightningModule):
             raise CheckpointMismatchError(
                 f"labels differ: the checkpoint predicts {saved['labels']} but the data gives {labels}"
             )
-        missing = self.trainable_parameter_names - set(checkpoint.get("state_dict", {}))
-        if missing:
-            raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {min(missing)}")
+        self.check_complete(checkpoint)
 
     # ----------------------------------------------------------------------------- reporting
     def parameter_counts(self) -> dict[str, Any]:
