@@ -9,7 +9,8 @@
 #      serves every classification task, as before) and STS-B; an arm one step further (x9 or /9, ...)
 #      wherever the best rate was the sweep's edge, until none is. `unipelt select` picks on dev.
 #   2. The grid: SST-2, STS-B, CoLA x 6 methods x seeds 0-4 (seed 0 is the sweep's run at the chosen rate).
-#   3. RTE and MRPC, seed 0: if some method leaves the majority class there, the other seeds too.
+#   3. RTE and MRPC, seed 0 (majority_check/): if some method leaves the majority class there on dev, the task
+#      joins the grid with all 5 seeds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."   # run with the environment where unipelt is installed
 R=results/minilm_k100_head
@@ -41,9 +42,12 @@ select_rates
 # 2.
 python $R/sweep_rates.py reuse
 grid sst2,stsb,cola $R/grid $R/learning_rates.json "$METHODS" 0-4
-# 3.
-grid rte,mrpc $R/grid $R/learning_rates.json "$METHODS" 0
-python $R/leaves_majority.py $R/grid rte,mrpc | while read -r task; do
+# 3. RTE and MRPC, seed 0, in a folder of their own: a task joins the grid (its seed-0 runs copied, then
+#    seeds 1-4) only if some method leaves the majority class on dev, so that every task of the grid has
+#    the 5 seeds its task average pairs.
+grid rte,mrpc $R/majority_check $R/learning_rates.json "$METHODS" 0
+python $R/leaves_majority.py $R/majority_check rte,mrpc | while read -r task; do
+  mkdir -p $R/grid/$task && cp -rn $R/majority_check/$task/. $R/grid/$task/
   grid "$task" $R/grid $R/learning_rates.json "$METHODS" 0-4
 done
 python cli.py report $R/grid --out $R/report.md --data-dir ../shared/glue --gates
