@@ -3,7 +3,7 @@
     python results/minilm_k100_head/leaves_majority.py results/minilm_k100_head/grid rte,mrpc
 
 For each task, the seed-0 runs' best dev score (the checkpoint-selection metric) is compared with the
-score of predicting the K training rows' majority label on the same 1000-row dev split (seed 0). Prints
+score of the best constant prediction on the same 1000-row dev split (seed 0). Prints
 each task where some method beats that by MARGIN points or more (grid.sh then runs its other seeds), and
 writes `leaves_majority.md` beside the grid with the figures behind the choice.
 """
@@ -25,13 +25,17 @@ K, SEED, DEV = 100, 0, 1000
 
 
 def majority_on_dev(task: str) -> float | None:
+    """The best constant prediction's score on the seed-0 dev split. (The K rows' majority label can be
+    the dev split's minority: RTE's K=100 rows are 58 % label 1, its dev rows 51.4 % label 0.)"""
     info = get_task(task)
-    train, dev = few_shot_split(load_raw_split(info, "train", GLUE), K, SEED, DEV)
-    return majority_score(info, train["label"], dev["label"])
+    _, dev = few_shot_split(load_raw_split(info, "train", GLUE), K, SEED, DEV)
+    scores = [majority_score(info, [label], dev["label"]) for label in sorted(set(dev["label"]))]
+    scores = [s for s in scores if s is not None]
+    return max(scores) if scores else None
 
 
 def main(grid: Path, tasks: list[str]) -> None:
-    lines = ["| task | majority on dev | best dev per method (seed 0) | leaves it |", "|---|---|---|---|"]
+    lines = ["| task | best constant on dev | best dev per method (seed 0) | leaves it |", "|---|---|---|---|"]
     for task in tasks:
         base = majority_on_dev(task)
         scores = {}
@@ -39,7 +43,8 @@ def main(grid: Path, tasks: list[str]) -> None:
             record = json.loads(path.read_text())
             if record.get("status") == "done" and (record.get("best_val") or {}).get("value") is not None:
                 scores[record["method"]] = 100 * record["best_val"]["value"]
-        leaves = base is not None and any(s >= base + MARGIN for s in scores.values())
+        # Scores are shares of 1000 rows: compare at 0.1 point, so float rounding cannot decide.
+        leaves = base is not None and any(round(s, 1) >= round(base + MARGIN, 1) for s in scores.values())
         figures = ", ".join(f"{m} {s:.1f}" for m, s in scores.items()) or "(no finished run)"
         lines.append(f"| {task} | {base:.1f} | {figures} | {'yes' if leaves else 'no'} |")
         if leaves:
