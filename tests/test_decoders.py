@@ -261,7 +261,7 @@ def test_bf16_backbone_gets_bf16_submodules() -> None:
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_per_token_gated_prefix_equals_a_hand_computed_attention(impl: str) -> None:
-    """One call on doubled head dims == for each query t: keys [g_t p_k; k<=t], values [g_t p_v; v<=t]."""
+    """One call on widened head dims == for each query t: keys [g_t p_k; k<=t], values [g_t p_v; v<=t]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -278,7 +278,7 @@ def test_per_token_gated_prefix_equals_a_hand_computed_attention(impl: str) -> N
     fn = sdpa_attention_forward if impl == "sdpa" else eager_attention_forward
     args = prefix_inputs(query, key, value, None, prefix_key, prefix_value, gate, causal=True,
                          additive=impl == "eager")
-    out = gated_output(fn(module, *args, scaling=d**-0.5)[0], gate)
+    out = gated_output(fn(module, *args, scaling=d**-0.5)[0], gate, prefix_value)
     rep = heads // kv_heads
     expected = torch.zeros(b, q, heads, d)
     for i in range(b):

@@ -200,7 +200,7 @@ def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
     """Decoders: the prefix before every sequence under the causal mask, one gate per query token.
 
     See ``unipelt/causal.py``: transformers may skip the causal mask (SDPA, no padding), and a
-    per-token gate scales the prefix per query, which runs on doubled head dims."""
+    per-token gate scales the prefix per query, which runs on head dims widened by the prefix length."""
     slot = module.pelt_prefix_gate
     gate = slot.cached() if slot is not None else None  # (batch, tokens)
     if gate is not None and query.shape[2] == 1:  # one query (a generation step): scaling the prefix is exact
@@ -210,14 +210,14 @@ def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
         gate = None
     else:  # no blank slots here: under a causal mask 266 -> 272 keys ran slower (fwd + bwd, 1 thread)
         pk, pv = gated_prefix(module, query.shape[0], key.dtype, None)
-    if kwargs.get("scaling") is None:  # doubled head dims must keep the original scale
+    if kwargs.get("scaling") is None:  # widened head dims must keep the original scale
         kwargs["scaling"] = query.shape[-1] ** -0.5
     query, key, value, attention_mask = prefix_inputs(
         query, key, value, attention_mask, pk, pv, gate, causal=True, additive=base_impl == "eager")
     fn = sys.modules[type(module).__module__].eager_attention_forward if base_impl == "eager" \
         else ALL_ATTENTION_FUNCTIONS[base_impl]
     out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
-    return (out if gate is None else gated_output(out, gate)), weights
+    return (out if gate is None else gated_output(out, gate, pv)), weights
 
 
 for _base in BASE_IMPLEMENTATIONS:
