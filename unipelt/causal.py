@@ -19,6 +19,8 @@ cost ~1.8x.
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import pad
+from transformers.integrations.sdpa_attention import repeat_kv
 
 
 def causal_mask_like(query: torch.Tensor, key: torch.Tensor, additive: bool) -> torch.Tensor:
@@ -68,25 +70,19 @@ def prefix_inputs(
     if gate is None:
         return query, torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2), mask
     g = gate[:, None, :, None].to(query.dtype)
-    groups = query.shape[1] // key.shape[1]
-    scores = query @ _per_query_head(prefix_key, groups).transpose(-1, -2)  # (batch, heads, tokens, L)
+    scores = query @ repeat_kv(prefix_key, query.shape[1] // key.shape[1]).transpose(-1, -2)  # (b, heads, t, L)
     query = torch.cat([query, scores * g], dim=-1)
-    slots = torch.eye(length, dtype=key.dtype, device=key.device).expand(*key.shape[:2], length, length)
-    key = torch.cat([_widen(torch.zeros_like(prefix_key), slots), _widen(key, length)], dim=2)
-    value = torch.cat([_widen(torch.zeros_like(prefix_value), slots), _widen(value, length)], dim=2)
+    slots = _prefix_slots(key, length)  # the same rows serve keys and values when their head dims agree
+    key = torch.cat([slots, pad(key, (0, length))], dim=2)
+    value = torch.cat([slots if value.shape[-1] == slots.shape[-1] - length else _prefix_slots(value, length),
+                       pad(value, (0, length))], dim=2)
     return query, key, value, mask
 
 
-def _widen(x: torch.Tensor, extra: torch.Tensor | int) -> torch.Tensor:
-    """``x`` with ``extra`` channels after its head dim (zeros when ``extra`` is a count)."""
-    if isinstance(extra, int):
-        return torch.nn.functional.pad(x, (0, extra))
-    return torch.cat([x, extra], dim=-1)
-
-
-def _per_query_head(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Key/value heads repeated for the query heads that share them (grouped-query attention)."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+def _prefix_slots(like: torch.Tensor, length: int) -> torch.Tensor:
+    """The prefix positions' rows ``[0, I_L]``: (batch, kv heads, L, head dim + L), a broadcast view."""
+    eye = torch.eye(length, dtype=like.dtype, device=like.device)
+    return pad(eye, (like.shape[-1], 0)).expand(*like.shape[:2], length, like.shape[-1] + length)
 
 
 def gated_output(output: torch.Tensor, gate: torch.Tensor, prefix_value: torch.Tensor) -> torch.Tensor:
@@ -94,7 +90,7 @@ def gated_output(output: torch.Tensor, gate: torch.Tensor, prefix_value: torch.T
     ``prefix_value``: (batch, kv heads, L, d) as given to ``prefix_inputs``."""
     length = prefix_value.shape[2]
     d = output.shape[-1] - length
-    values = _per_query_head(prefix_value, output.shape[2] // prefix_value.shape[1])  # (batch, heads, L, d)
+    values = repeat_kv(prefix_value, output.shape[2] // prefix_value.shape[1])  # (batch, heads, L, d)
     weights = output[..., d:].transpose(1, 2)  # (batch, heads, tokens, L)
     prefix = (weights @ values).transpose(1, 2)
     return output[..., :d] + gate[:, :, None, None].to(output.dtype) * prefix
