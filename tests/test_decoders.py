@@ -289,3 +289,72 @@ def test_per_token_gated_prefix_equals_a_hand_computed_attention(impl: str) -> N
             weights = torch.softmax(query[i, :, t:t + 1] @ keys.transpose(-1, -2) * d**-0.5, -1)
             expected[i, t] = (weights @ values)[:, 0]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def _widened_reference(query, key, value, mask, prefix_key, prefix_value, gate, scale):
+    """The widened-head-dims call (GPU and eager path) through transformers' SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from unipelt.causal import gated_output, prefix_inputs
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = query.shape[1] // key.shape[1], True
+    q, k, v, m = prefix_inputs(query, key, value, mask, prefix_key, prefix_value, gate, causal=True, additive=False)
+    out = sdpa_attention_forward(module, q, k, v, m, scaling=scale)[0]
+    return out if gate is None else gated_output(out, gate, prefix_value)
+
+
+@pytest.mark.parametrize("case", ["causal", "cached", "padded", "ungated"])
+def test_merged_cpu_prefix_attention_equals_the_widened_call_with_gradients(case: str) -> None:
+    """The CPU path (tokens by the flash kernel, prefix apart, merged by log-sum-exps) == the widened
+    call: outputs and the gradients of queries, keys, values, prefix and gates."""
+    from unipelt.causal import can_merge, merged_prefix_attention
+
+    torch.manual_seed(1)
+    b, heads, kv_heads, length, d = 3, 6, 2, 4, 16
+    q_len, kv_len = (5, 9) if case == "cached" else (9, 9)
+    tensors = [torch.randn(b, heads, q_len, d), torch.randn(b, kv_heads, kv_len, d),
+               torch.randn(b, kv_heads, kv_len, d), torch.randn(b, kv_heads, length, d),
+               torch.randn(b, kv_heads, length, d), torch.rand(b, q_len)]
+    mask = None
+    if case == "padded":  # left padding: row 1 has 3 pad tokens, row 2 has 6 (its first queries see no token)
+        real = torch.ones(b, kv_len, dtype=torch.bool)
+        real[1, :3], real[2, :6] = False, False
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril()[None, None] & real[:, None, None, :]
+    if case == "ungated":
+        tensors = tensors[:5]
+    assert can_merge(tensors[0], tensors[2], 0.0)
+    results = []
+    for fn in (merged_prefix_attention, _widened_reference):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        gate = leaves[5] if len(leaves) > 5 else None
+        out = fn(*leaves[:3], mask, *leaves[3:5], gate, d**-0.5)
+        out.mul(torch.linspace(-2, 2, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), [t.grad for t in leaves]))
+    (out, grads), (expected, expected_grads) = results
+    assert out.shape == (b, q_len, heads, d)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_flash_log_sum_exp_gradient_equals_autograd_of_the_math() -> None:
+    """The log-sum-exp output is differentiable: a loss on it and on the output gets the gradients
+    autograd gives the written-out softmax (with grouped-query heads and a causal mask)."""
+    from unipelt.causal import _FlashWithLogsumexp
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    results = []
+    for flash in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if flash:
+            out, lse = _FlashWithLogsumexp.apply(*leaves, None, True, 0.3)
+        else:
+            scores = (leaves[0] @ leaves[1].repeat_interleave(2, 1).transpose(-1, -2) * 0.3)
+            scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+            out, lse = torch.softmax(scores, -1) @ leaves[2].repeat_interleave(2, 1), scores.logsumexp(-1)
+        (out.sin().sum() + (lse * torch.linspace(-1, 3, lse.numel()).view_as(lse)).sum()).backward()
+        results.append([out.detach(), lse.detach(), *(t.grad for t in leaves)])
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

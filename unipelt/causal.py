@@ -14,13 +14,23 @@ keys ``[k, 0]`` / prefix ``[0, I_L]``, values ``[v, 0]`` / ``[0, I_L]``. A prefi
 ``out = out[:d] + g a P_v`` equals attention with key ``g p_k`` and value ``g p_v`` for that
 query. Head dim 64 + 10 keeps CPU SDPA's flash kernel and costs ~1.15x plain attention; doubling
 cost ~1.8x.
+
+On the CPU, where torch's flash kernel also returns each query's log-sum-exp, ``merged_prefix_attention``
+does better: the tokens' attention is exactly the backbone's call (``is_causal``, which skips the
+blocks above the diagonal, head dim unchanged, grouped-query heads without copies), the prefix's L
+scores are computed apart, and the two softmaxes are merged by their log-sum-exps. Same result as
+the widened call; a 12-layer train step ~6 % faster (docs/decoders.md).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn.functional import pad
 from transformers.integrations.sdpa_attention import repeat_kv
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def causal_mask_like(query: torch.Tensor, key: torch.Tensor, additive: bool) -> torch.Tensor:
@@ -94,6 +104,89 @@ def gated_output(output: torch.Tensor, gate: torch.Tensor, prefix_value: torch.T
     weights = output[..., d:].transpose(1, 2)  # (batch, heads, tokens, L)
     prefix = (weights @ values).transpose(1, 2)
     return output[..., :d] + gate[:, :, None, None].to(output.dtype) * prefix
+
+
+def can_merge(query: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Whether ``merged_prefix_attention`` applies: CPU tensors, several queries (a generation step
+    has one: nothing to gain), no attention dropout (the flash kernel's dropout is not exposed),
+    equal key and value head dims, and the torch build has the CPU flash kernel."""
+    return (_FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None and query.device.type == "cpu"
+            and query.shape[2] > 1 and not dropout and query.shape[-1] == value.shape[-1])
+
+
+class _FlashWithLogsumexp(torch.autograd.Function):
+    """Attention output and its log-sum-exp per query, both differentiable, from torch's CPU flash kernel.
+
+    The kernel's backward takes only the output's gradient: it forms ``ds = p * (dO.v - D)`` with
+    ``D = rowsum(dO * O)``. A log-sum-exp gradient ``c`` adds ``c * p`` to ``ds``, i.e. lowers ``D``
+    by ``c``; passing ``O' = O - c dO / |dO|^2`` (so that ``dO.O' = D - c``) gets it exactly from the
+    same kernel. Rows with ``dO = 0`` keep ``O``: their ``c`` is 0 too (``c`` only reaches a row's
+    own output, through the merge weight that also scales ``dO``)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, causal: bool, scale: float):
+        out, lse = _FLASH_CPU(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(query, key, value, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, out, lse, mask = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        if grad_lse is not None:
+            squared = grad_out.float().square().sum(-1, keepdim=True)
+            shift = torch.where(squared > 0, grad_lse[..., None] / squared.clamp(min=torch.finfo(torch.float).tiny), 0)
+            out = (out.float() - shift * grad_out.float()).to(out.dtype)
+        grads = _FLASH_CPU_BACKWARD(grad_out, query, key, value, out, lse, 0.0, ctx.causal,
+                                    attn_mask=mask, scale=ctx.scale)
+        return *grads, None, None, None
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as the additive mask in ``dtype`` that the CPU flash kernel takes."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def merged_prefix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    prefix_key: torch.Tensor,
+    prefix_value: torch.Tensor,
+    gate: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention over ``[g p; tokens]`` per query as two softmaxes merged by their log-sum-exps:
+    ``out = w o_tokens + (1 - w) g softmax(g q P_k^T) P_v``, ``w = sigmoid(lse_tokens - lse_prefix)``.
+
+    ``mask``: transformers' 4D SDPA mask over the tokens only (bool, or additive in the query dtype,
+    which saves a conversion per layer), or None (causal). ``gate``: (batch, queries) or None.
+    Returns (batch, queries, heads, head dim), as transformers' attention functions do.
+    """
+    if torch.is_autocast_enabled(query.device.type):  # as autocast casts SDPA's inputs (the kernel is not listed)
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    causal = mask is None and query.shape[2] == key.shape[2]
+    if mask is None and not causal:
+        mask = causal_mask_like(query, key, additive=True)
+    elif mask is not None and mask.dtype != query.dtype:
+        mask = additive_mask(mask, query.dtype)
+    tokens, lse = _FlashWithLogsumexp.apply(query, key, value, mask, causal, scale)
+    groups = query.shape[1] // prefix_key.shape[1]
+    scores = query @ repeat_kv(prefix_key, groups).transpose(-1, -2) * scale  # (batch, heads, queries, L)
+    g = None if gate is None else gate[:, None, :, None].to(query.dtype)
+    if g is not None:
+        scores = scores * g
+    prefix_lse = scores.logsumexp(-1, keepdim=True)
+    w = torch.sigmoid(lse[..., None] - prefix_lse.float()).to(query.dtype)
+    weights = torch.exp(scores - prefix_lse) * (1 - w if g is None else (1 - w) * g)
+    out = torch.addcmul(weights @ repeat_kv(prefix_value, groups), w, tokens)
+    return out.transpose(1, 2).contiguous()
 
 
 def positions_from_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from ..causal import extend_mask, gated_output, prefix_inputs
+from ..causal import additive_mask, can_merge, extend_mask, gated_output, merged_prefix_attention, prefix_inputs
 from ..context import current
 from ..errors import PELTError
 from ..gates import GateSlot
@@ -149,6 +149,16 @@ def _extended_mask(mask: torch.Tensor, length: int, blank: int) -> torch.Tensor:
     return extended
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``additive_mask`` once per forward."""
+    masks = current().masks
+    key = ("additive", id(mask), dtype)
+    hit = masks.get(key)
+    if hit is None or hit[0] is not mask:
+        hit = masks[key] = (mask, additive_mask(mask, dtype))  # holding ``mask`` keeps its id from being reused
+    return hit[1]
+
+
 ALIGN = 16  # CPU flash attention runs 138 keys ~30 % slower than 144: blank prefix slots round the keys up
 
 
@@ -212,6 +222,10 @@ def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
         pk, pv = gated_prefix(module, query.shape[0], key.dtype, None)
     if kwargs.get("scaling") is None:  # widened head dims must keep the original scale
         kwargs["scaling"] = query.shape[-1] ** -0.5
+    if base_impl == "sdpa" and can_merge(query, value, kwargs.get("dropout", 0.0)):
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = _additive(attention_mask, query.dtype)
+        return merged_prefix_attention(query, key, value, attention_mask, pk, pv, gate, kwargs["scaling"]), None
     query, key, value, attention_mask = prefix_inputs(
         query, key, value, attention_mask, pk, pv, gate, causal=True, additive=base_impl == "eager")
     fn = sys.modules[type(module).__module__].eager_attention_forward if base_impl == "eager" \
