@@ -107,11 +107,12 @@ def gated_output(output: torch.Tensor, gate: torch.Tensor, prefix_value: torch.T
 
 
 def can_merge(query: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
-    """Whether ``merged_prefix_attention`` applies: CPU tensors, several queries (a generation step
-    has one: nothing to gain), no attention dropout (the flash kernel's dropout is not exposed),
-    equal key and value head dims, and the torch build has the CPU flash kernel."""
-    return (_FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None and query.device.type == "cpu"
-            and query.shape[2] > 1 and not dropout and query.shape[-1] == value.shape[-1])
+    """Whether ``merged_prefix_attention`` applies: CPU tensors; several queries (at one, a
+    generation step, the kernel costs more than the copies it saves: 290 vs 112 us per layer);
+    no attention dropout (the kernel's dropout is not exposed); equal key and value head dims;
+    a torch build with the CPU flash kernel."""
+    return (query.shape[2] > 1 and query.device.type == "cpu" and _FLASH_CPU is not None
+            and _FLASH_CPU_BACKWARD is not None and not dropout and query.shape[-1] == value.shape[-1])
 
 
 class _FlashWithLogsumexp(torch.autograd.Function):

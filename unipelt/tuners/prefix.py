@@ -210,7 +210,8 @@ def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
     """Decoders: the prefix before every sequence under the causal mask, one gate per query token.
 
     See ``unipelt/causal.py``: transformers may skip the causal mask (SDPA, no padding), and a
-    per-token gate scales the prefix per query, which runs on head dims widened by the prefix length."""
+    per-token gate scales the prefix per query, which runs on head dims widened by the prefix length,
+    or on the CPU as the backbone's own attention call merged with the prefix's by log-sum-exps."""
     slot = module.pelt_prefix_gate
     gate = slot.cached() if slot is not None else None  # (batch, tokens)
     if gate is not None and query.shape[2] == 1:  # one query (a generation step): scaling the prefix is exact
