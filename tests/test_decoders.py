@@ -117,6 +117,25 @@ def test_generation_with_cache_equals_generation_without(family: str, method: st
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["unipelt_apl", "prefix"])
+def test_static_cache_generates_what_the_dynamic_cache_generates(family: str, method: str) -> None:
+    """transformers' StaticCache passes its own 4D masks (a dict of them for Qwen) and, at prefill,
+    no mask with more keys than queries (the empty slots): same logits as the dynamic cache."""
+    model = build(family, method)
+    ids, mask = pad(rows(lengths=(6, 4)), "left")
+    common = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=PAD, output_logits=True,
+                  return_dict_in_generate=True, attention_mask=mask)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **common)
+        static = model.generate(ids, cache_implementation="static", **common)
+        alone = model.generate(ids[:1], **{**common, "attention_mask": mask[:1]}, cache_implementation="static")
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(alone.logits)[:, 0], torch.stack(dynamic.logits)[:, 0], atol=1e-5,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", ["unipelt_apl", "unipelt_ap", "prefix", "lora", "adapter"])
 def test_left_padded_batch_generates_what_each_row_generates_alone(family: str, method: str) -> None:
     model = build(family, method)
@@ -276,7 +295,8 @@ def test_per_token_gated_prefix_equals_a_hand_computed_attention(impl: str) -> N
     module.num_key_value_groups, module.is_causal = heads // kv_heads, True
     module.eval()
     fn = sdpa_attention_forward if impl == "sdpa" else eager_attention_forward
-    args = prefix_inputs(query, key, value, None, prefix_key, prefix_value, gate, causal=True,
+    mask = _cached_causal_mask(q, kv, additive=impl == "eager")  # as transformers builds it
+    args = prefix_inputs(query, key, value, mask, prefix_key, prefix_value, gate, causal=True,
                          additive=impl == "eager")
     out = gated_output(fn(module, *args, scaling=d**-0.5)[0], gate, prefix_value)
     rep = heads // kv_heads
@@ -289,6 +309,12 @@ def test_per_token_gated_prefix_equals_a_hand_computed_attention(impl: str) -> N
             weights = torch.softmax(query[i, :, t:t + 1] @ keys.transpose(-1, -2) * d**-0.5, -1)
             expected[i, t] = (weights @ values)[:, 0]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def _cached_causal_mask(queries: int, keys: int, additive: bool = False) -> torch.Tensor:
+    """Query i sits at key position keys - queries + i (the cached tokens come first)."""
+    allowed = (torch.arange(queries)[:, None] + keys - queries >= torch.arange(keys)[None, :])[None, None]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float).min) if additive else allowed
 
 
 def _widened_reference(query, key, value, mask, prefix_key, prefix_value, gate, scale):
@@ -304,7 +330,7 @@ def _widened_reference(query, key, value, mask, prefix_key, prefix_value, gate, 
     return out if gate is None else gated_output(out, gate, prefix_value)
 
 
-@pytest.mark.parametrize("case", ["causal", "cached", "padded", "ungated"])
+@pytest.mark.parametrize("case", ["causal", "cached", "static", "padded", "ungated"])
 def test_merged_cpu_prefix_attention_equals_the_widened_call_with_gradients(case: str) -> None:
     """The CPU path (tokens by the flash kernel, prefix apart, merged by log-sum-exps) == the widened
     call: outputs and the gradients of queries, keys, values, prefix and gates."""
@@ -312,11 +338,11 @@ def test_merged_cpu_prefix_attention_equals_the_widened_call_with_gradients(case
 
     torch.manual_seed(1)
     b, heads, kv_heads, length, d = 3, 6, 2, 4, 16
-    q_len, kv_len = (5, 9) if case == "cached" else (9, 9)
+    q_len, kv_len = (5, 9) if case in ("cached", "static") else (9, 9)
     tensors = [torch.randn(b, heads, q_len, d), torch.randn(b, kv_heads, kv_len, d),
                torch.randn(b, kv_heads, kv_len, d), torch.randn(b, kv_heads, length, d),
                torch.randn(b, kv_heads, length, d), torch.rand(b, q_len)]
-    mask = None
+    mask = _cached_causal_mask(q_len, kv_len) if case == "cached" else None  # "static": the empty slots follow
     if case == "padded":  # left padding: row 1 has 3 pad tokens, row 2 has 6 (its first queries see no token)
         real = torch.ones(b, kv_len, dtype=torch.bool)
         real[1, :3], real[2, :6] = False, False

@@ -33,15 +33,23 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def causal_mask_like(query: torch.Tensor, key: torch.Tensor, additive: bool) -> torch.Tensor:
-    """The causal mask transformers skips (``None``) when it can: query i sits at key position kv - q + i."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
-    allowed = rows >= torch.arange(kv_len, device=query.device)[None, :]
+def causal_mask(queries: int, like: torch.Tensor, additive: bool) -> torch.Tensor:
+    """The (1, 1, queries, queries) causal mask that transformers skips (``None``) when SDPA's
+    ``is_causal`` can stand in for it; bool, or additive in ``like``'s dtype."""
+    allowed = torch.ones(queries, queries, dtype=torch.bool, device=like.device).tril()
     if not additive:
         return allowed[None, None]
-    mask = torch.zeros((q_len, kv_len), dtype=query.dtype, device=query.device)
-    return mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
+    mask = torch.zeros((queries, queries), dtype=like.dtype, device=like.device)
+    return mask.masked_fill(~allowed, torch.finfo(like.dtype).min)[None, None]
+
+
+def without_empty_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values for the queries when transformers passed no mask: it does so only when the
+    keys are the queries' own (a square call) or, with more keys, at the prefill of an empty static
+    cache, whose later slots are empty (its SDPA function drops them too)."""
+    queries = query.shape[2]
+    return (key, value) if key.shape[2] == queries else (key[:, :, :queries], value[:, :, :queries])
 
 
 def extend_mask(mask: torch.Tensor, length: int, blank: int = 0) -> torch.Tensor:
@@ -73,8 +81,9 @@ def prefix_inputs(
     The prefix is never masked. With ``gate``, the output must go through ``gated_output``.
     """
     length = prefix_key.shape[2]
-    if mask is None and causal and query.shape[2] > 1:
-        mask = causal_mask_like(query, key, additive)  # transformers skipped it; is_causal would misalign
+    if mask is None and causal and query.shape[2] > 1:  # transformers skipped it; is_causal would misalign
+        key, value = without_empty_slots(query, key, value)
+        mask = causal_mask(query.shape[2], query, additive)
     if mask is not None:
         mask = extend_mask(mask, length)
     if gate is None:
@@ -166,16 +175,17 @@ def merged_prefix_attention(
     ``out = w o_tokens + (1 - w) g softmax(g q P_k^T) P_v``, ``w = sigmoid(lse_tokens - lse_prefix)``.
 
     ``mask``: transformers' 4D SDPA mask over the tokens only (bool, or additive in the query dtype,
-    which saves a conversion per layer), or None (causal). ``gate``: (batch, queries) or None.
+    which saves a conversion per layer), or None (causal: the kernel's ``is_causal``).
+    ``gate``: (batch, queries) or None.
     Returns (batch, queries, heads, head dim), as transformers' attention functions do.
     """
     if torch.is_autocast_enabled(query.device.type):  # as autocast casts SDPA's inputs (the kernel is not listed)
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    causal = mask is None and query.shape[2] == key.shape[2]
-    if mask is None and not causal:
-        mask = causal_mask_like(query, key, additive=True)
-    elif mask is not None and mask.dtype != query.dtype:
+    causal = mask is None
+    if causal:
+        key, value = without_empty_slots(query, key, value)
+    elif mask.dtype != query.dtype:
         mask = additive_mask(mask, query.dtype)
     tokens, lse = _FlashWithLogsumexp.apply(query, key, value, mask, causal, scale)
     groups = query.shape[1] // prefix_key.shape[1]

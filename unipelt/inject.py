@@ -100,6 +100,10 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     encoder: PrefixEncoder | None = getattr(base, PREFIX_ATTR, None)
     mask = _argument(base, args, kwargs, "attention_mask")
     causal = base._pelt_causal
+    if causal and mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        # generate() with a static cache passes transformers' own 4D masks (a dict of them per layer
+        # type for Qwen2/3). Per-token gates need no mask; gate_values() then averages all tokens.
+        mask = None
     context.check_mask(mask)
     weights = partial(context.token_weights, mask, tuple(reference.shape[:2]), reference.device,
                       next(base.parameters()).dtype)
