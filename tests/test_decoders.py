@@ -384,3 +384,19 @@ def test_flash_log_sum_exp_gradient_equals_autograd_of_the_math() -> None:
         results.append([out.detach(), lse.detach(), *(t.grad for t in leaves)])
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_activation_checkpointing_gives_a_decoder_the_same_gradients(side: str) -> None:
+    """Checkpointed layers replay the CPU prefix attention (its own autograd function) in the backward."""
+    results = []
+    for checkpointing in (False, True):
+        model = build("llama", "unipelt_apl").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids, mask = pad(rows(), side)
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert results[0].keys() == results[1].keys() and any("pelt_prefix" in n for n in results[0])
+    for name, grad in results[0].items():
+        torch.testing.assert_close(results[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
