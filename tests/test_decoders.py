@@ -400,3 +400,25 @@ def test_activation_checkpointing_gives_a_decoder_the_same_gradients(side: str) 
     assert results[0].keys() == results[1].keys() and any("pelt_prefix" in n for n in results[0])
     for name, grad in results[0].items():
         torch.testing.assert_close(results[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_cpu_flash_kernel_that_breaks_the_contract_falls_back_to_the_exact_general_path(monkeypatch) -> None:
+    """torch's private kernel is checked once; if it misbehaves (here: a wrong log-sum-exp), a warning
+    names it and the widened call runs: same logits as the fast path on a sound kernel."""
+    from unipelt import causal
+
+    model = build("llama", "unipelt_apl")
+    ids, mask = pad(rows(), "left")
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask).logits
+    real = causal._FLASH_CPU
+    monkeypatch.setattr(causal, "_FLASH_CPU", lambda *a, **k: (lambda out, lse: (out, lse + 1))(*real(*a, **k)))
+    causal.kernel_checked.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU flash attention does not behave"):
+            assert not causal.kernel_checked()
+        with torch.no_grad():
+            general = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        causal.kernel_checked.cache_clear()
+    torch.testing.assert_close(general, fast, atol=1e-5, rtol=1e-4)

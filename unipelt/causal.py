@@ -24,6 +24,9 @@ the widened call; a 12-layer train step ~6 % faster (docs/decoders.md).
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn.functional import pad
@@ -119,9 +122,38 @@ def can_merge(query: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
     """Whether ``merged_prefix_attention`` applies: CPU tensors; several queries (at one, a
     generation step, the kernel costs more than the copies it saves: 290 vs 112 us per layer);
     no attention dropout (the kernel's dropout is not exposed); equal key and value head dims;
-    a torch build with the CPU flash kernel."""
-    return (query.shape[2] > 1 and query.device.type == "cpu" and _FLASH_CPU is not None
-            and _FLASH_CPU_BACKWARD is not None and not dropout and query.shape[-1] == value.shape[-1])
+    a torch build whose CPU flash kernel keeps the contract this path relies on (``kernel_checked``)."""
+    return (query.shape[2] > 1 and query.device.type == "cpu" and not dropout
+            and query.shape[-1] == value.shape[-1] and kernel_checked())
+
+
+@functools.cache
+def kernel_checked() -> bool:
+    """Once per process: torch's private CPU flash ops give, on tiny tensors with grouped-query heads,
+    a causal call and an additive mask, the output, log-sum-exp and gradients of the written-out
+    softmax. A build where they differ or are missing (torch's private API may change) keeps the
+    widened call, which is exact too, and says so once."""
+    if _FLASH_CPU is None or _FLASH_CPU_BACKWARD is None:
+        return False
+    try:
+        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            generator = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, heads, 5, 8, generator=generator, requires_grad=True) for heads in (4, 2, 2))
+            blocked = torch.zeros(1, 1, 5, 5).masked_fill(torch.rand(1, 1, 5, 5, generator=generator) < 0.3, -1e9)
+            for causal, mask in ((True, None), (False, blocked)):
+                scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.3
+                scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), -1e9) if causal \
+                    else scores + mask
+                expected = _with_gradients(scores.softmax(-1) @ v.repeat_interleave(2, 1), scores.logsumexp(-1),
+                                           q, k, v)
+                got = _with_gradients(*_FlashWithLogsumexp.apply(q, k, v, mask, causal, 0.3), q, k, v)
+                if not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, expected, strict=True)):
+                    raise ValueError("results differ")
+        return True
+    except Exception as error:  # noqa: BLE001 - any failure of a private op means: do not use it
+        warnings.warn(f"unipelt: torch {torch.__version__}'s CPU flash attention does not behave as the fast "
+                      f"decoder prefix path needs ({error}); using the general path", stacklevel=2)
+        return False
 
 
 class _FlashWithLogsumexp(torch.autograd.Function):
@@ -159,6 +191,12 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype != torch.bool:
         return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def _with_gradients(out: torch.Tensor, lse: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """``[out, lse, d/d inputs]`` of a loss that reaches both outputs."""
+    loss = out.sin().sum() + (lse * torch.arange(lse.numel(), dtype=lse.dtype).view_as(lse)).sum()
+    return [out, lse, *torch.autograd.grad(loss, inputs)]
 
 
 def merged_prefix_attention(
