@@ -180,7 +180,7 @@ class _FlashWithLogsumexp(torch.autograd.Function):
         if grad_lse is not None:
             squared = grad_out.float().square().sum(-1, keepdim=True)
             shift = torch.where(squared > 0, grad_lse[..., None] / squared.clamp(min=torch.finfo(torch.float).tiny), 0)
-            out = (out.float() - shift * grad_out.float()).to(out.dtype)
+            out = torch.addcmul(out.float(), shift, grad_out.float(), value=-1).to(out.dtype)
         grads = _FLASH_CPU_BACKWARD(grad_out, query, key, value, out, lse, 0.0, ctx.causal,
                                     attn_mask=mask, scale=ctx.scale)
         return *grads, None, None, None
