@@ -4,9 +4,10 @@
 
 Wall clock at `--threads` CPU threads (as users run it), interleaved rounds (A B A B ...) so that
 load on the machine hits both sides alike, medians of the per-round times; the ratios are of
-medians from the same run. Config: 12 layers, hidden 768, 12 heads, 4 key/value heads,
-intermediate 2048, vocabulary 32000; train on batch 8 x 256 tokens; generation: batch 4,
-a 32-token prompt, 64 new tokens, greedy, with the KV cache.
+medians from the same run, and "per round" gives each round's ratio as median [min-max].
+Config: 12 layers, hidden 768, 12 heads, 4 key/value heads, intermediate 2048, vocabulary 32000;
+train on batch 8 x 256 tokens; generation: batch 4, a 32-token prompt, 64 new tokens, greedy,
+with the KV cache.
 Targets (issue 12): train <= 1.15 x PEFT LoRA (r 8, q and v); generation <= 1.10 x backbone.
 """
 
@@ -53,14 +54,25 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(runs: dict[str, callable], rounds: int) -> dict[str, float]:
-    for fn in runs.values():  # warm-up (allocations, first-call paths)
+def interleaved(runs: dict[str, callable], rounds: int) -> dict[str, list[float]]:
+    """Per-round times of each run, A B A B ... after one warm-up call each (allocations, first-call paths)."""
+    for fn in runs.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
             times[name].append(fn())
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def row(measure: str, times: dict[str, list[float]], reference: str, target: float) -> str:
+    """A table row: medians, their ratio, and the per-round ratios (each round's pair) as median [min-max]:
+    how far one run's ratio can be trusted on a host whose speed drifts."""
+    ours, ref = times["UniPELT (APL)"], times[reference]
+    paired = [a / b for a, b in zip(ours, ref, strict=True)]
+    return (f"| {measure} | {statistics.median(ours):.2f} s | {reference} {statistics.median(ref):.2f} s | "
+            f"{statistics.median(ours) / statistics.median(ref):.2f} | {statistics.median(paired):.2f} "
+            f"[{min(paired):.2f}-{max(paired):.2f}] | <= {target:.2f} |")
 
 
 def main() -> None:
@@ -90,12 +102,10 @@ def main() -> None:
 
     print(f"random Llama-style decoder, {args.layers} layers, hidden 768, 12 heads / 4 kv heads; "
           f"{args.threads} threads, {args.rounds} interleaved rounds, medians")
-    print("| measure | UniPELT (APL) | reference | ratio | target |")
-    print("| --- | --- | --- | --- | --- |")
-    print(f"| train step, batch 8 x 256 | {train['UniPELT (APL)']:.2f} s | PEFT LoRA {train['PEFT LoRA']:.2f} s | "
-          f"{train['UniPELT (APL)'] / train['PEFT LoRA']:.2f} | <= 1.15 |")
-    print(f"| generate, batch 4, 64 new tokens | {gen['UniPELT (APL)']:.2f} s | backbone {gen['backbone']:.2f} s | "
-          f"{gen['UniPELT (APL)'] / gen['backbone']:.2f} | <= 1.10 |")
+    print("| measure | UniPELT (APL) | reference | ratio | per round | target |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(row("train step, batch 8 x 256", train, "PEFT LoRA", 1.15))
+    print(row("generate, batch 4, 64 new tokens", gen, "backbone", 1.10))
 
 
 if __name__ == "__main__":
