@@ -422,3 +422,30 @@ def test_a_cpu_flash_kernel_that_breaks_the_contract_falls_back_to_the_exact_gen
     finally:
         causal.kernel_checked.cache_clear()
     torch.testing.assert_close(general, fast, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_generation_with_caches_equals_generation_without(family: str) -> None:
+    """A window of 4 on 10-token rows: transformers' sliding masks reach the prefix attention (never
+    masking the prefix); dynamic and static caches, and a left-padded row alone, agree with no cache."""
+    extra = dict(sliding_window=4) if family == "mistral" else dict(use_sliding_window=True, sliding_window=4,
+                                                                    max_window_layers=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config(family, **extra))
+    apply_pelt(model, PELTConfig.preset("unipelt_apl"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    ids, mask = pad(rows(lengths=(10, 6)), "left")
+    common = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=PAD, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, use_cache=False, **common)
+        for cache in (None, "static"):
+            got = model.generate(ids, attention_mask=mask, cache_implementation=cache, **common)
+            assert got.sequences.tolist() == expected.sequences.tolist()
+            torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-5, rtol=1e-4)
+        alone = model.generate(ids[1:, 4:], attention_mask=mask[1:, 4:], **common)
+    assert alone.sequences[0, 6:].tolist() == expected.sequences[1, 10:].tolist()
