@@ -7,6 +7,8 @@ without it, and a left-padded batch generates for each row what that row generat
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import (
@@ -400,6 +402,19 @@ def test_activation_checkpointing_gives_a_decoder_the_same_gradients(side: str) 
     assert results[0].keys() == results[1].keys() and any("pelt_prefix" in n for n in results[0])
     for name, grad in results[0].items():
         torch.testing.assert_close(results[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_kernel_check_passes_when_first_run_under_inference_mode_or_autocast() -> None:
+    """Lightning's predict runs the first forward under inference_mode: the check must still pass."""
+    from unipelt import causal
+
+    causal.kernel_checked.cache_clear()
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert causal.kernel_checked()
+    finally:
+        causal.kernel_checked.cache_clear()
 
 
 def test_a_cpu_flash_kernel_that_breaks_the_contract_falls_back_to_the_exact_general_path(monkeypatch) -> None:

@@ -136,7 +136,8 @@ def kernel_checked() -> bool:
     if _FLASH_CPU is None or _FLASH_CPU_BACKWARD is None:
         return False
     try:
-        with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        # the first decoder forward may run under inference_mode (Lightning's predict) or autocast
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
             generator = torch.Generator().manual_seed(0)
             q, k, v = (torch.randn(1, heads, 5, 8, generator=generator, requires_grad=True) for heads in (4, 2, 2))
             blocked = torch.zeros(1, 1, 5, 5).masked_fill(torch.rand(1, 1, 5, 5, generator=generator) < 0.3, -1e9)
