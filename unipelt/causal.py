@@ -39,11 +39,8 @@ _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 def causal_mask(queries: int, like: torch.Tensor, additive: bool) -> torch.Tensor:
     """The (1, 1, queries, queries) causal mask that transformers skips (``None``) when SDPA's
     ``is_causal`` can stand in for it; bool, or additive in ``like``'s dtype."""
-    allowed = torch.ones(queries, queries, dtype=torch.bool, device=like.device).tril()
-    if not additive:
-        return allowed[None, None]
-    mask = torch.zeros((queries, queries), dtype=like.dtype, device=like.device)
-    return mask.masked_fill(~allowed, torch.finfo(like.dtype).min)[None, None]
+    allowed = torch.ones(1, 1, queries, queries, dtype=torch.bool, device=like.device).tril()
+    return additive_mask(allowed, like.dtype) if additive else allowed
 
 
 def without_empty_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -157,6 +154,12 @@ def kernel_checked() -> bool:
         return False
 
 
+def _with_gradients(out: torch.Tensor, lse: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """``[out, lse, d/d inputs]`` of a loss that reaches both outputs."""
+    loss = out.sin().sum() + (lse * torch.arange(lse.numel(), dtype=lse.dtype).view_as(lse)).sum()
+    return [out, lse, *torch.autograd.grad(loss, inputs)]
+
+
 class _FlashWithLogsumexp(torch.autograd.Function):
     """Attention output and its log-sum-exp per query, both differentiable, from torch's CPU flash kernel.
 
@@ -192,12 +195,6 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype != torch.bool:
         return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def _with_gradients(out: torch.Tensor, lse: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
-    """``[out, lse, d/d inputs]`` of a loss that reaches both outputs."""
-    loss = out.sin().sum() + (lse * torch.arange(lse.numel(), dtype=lse.dtype).view_as(lse)).sum()
-    return [out, lse, *torch.autograd.grad(loss, inputs)]
 
 
 def merged_prefix_attention(

@@ -51,7 +51,7 @@ class ForwardContext:
         self._blank = 0  # zero rows after each layer's prefix in _prefix_layers
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
         self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values() (per token if causal)
-        self.masks: dict[object, Any] = {}  # id(mask) -> (mask, extended); ("unmasked", keys) -> mask
+        self.masks: dict[object, Any] = {}  # (tag..., id(mask)) -> (mask, derived); ("unmasked", keys) -> mask
         self.previous: ForwardContext | None = None
 
     @property

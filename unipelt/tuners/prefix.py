@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -138,25 +139,22 @@ def _fill_gate(module: nn.Module, args: tuple, kwargs: dict) -> None:
     module.pelt_prefix_gate.bank.values(args[0] if args else kwargs["hidden_states"])
 
 
-def _extended_mask(mask: torch.Tensor, length: int, blank: int) -> torch.Tensor:
-    """``extend_mask`` once per forward: every layer gets the same mask object."""
+def _once_per_forward(mask: torch.Tensor, tag: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()``, derived from ``mask``, computed once per forward: every layer gets the same object."""
     masks = current().masks
-    hit = masks.get(id(mask))
-    if hit is not None and hit[0] is mask and hit[1].shape[-1] == mask.shape[-1] + length:
-        return hit[1]
-    extended = extend_mask(mask, length, blank)
-    masks[id(mask)] = (mask, extended)  # holding ``mask`` keeps its id from being reused
-    return extended
+    key = (*tag, id(mask))
+    hit = masks.get(key)
+    if hit is None or hit[0] is not mask:
+        hit = masks[key] = (mask, build())  # holding ``mask`` keeps its id from being reused
+    return hit[1]
+
+
+def _extended_mask(mask: torch.Tensor, length: int, blank: int) -> torch.Tensor:
+    return _once_per_forward(mask, ("extended", length, blank), lambda: extend_mask(mask, length, blank))
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``additive_mask`` once per forward."""
-    masks = current().masks
-    key = ("additive", id(mask), dtype)
-    hit = masks.get(key)
-    if hit is None or hit[0] is not mask:
-        hit = masks[key] = (mask, additive_mask(mask, dtype))  # holding ``mask`` keeps its id from being reused
-    return hit[1]
+    return _once_per_forward(mask, ("additive", dtype), lambda: additive_mask(mask, dtype))
 
 
 ALIGN = 16  # CPU flash attention runs 138 keys ~30 % slower than 144: blank prefix slots round the keys up
