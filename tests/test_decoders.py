@@ -151,6 +151,33 @@ def test_left_padded_batch_generates_what_each_row_generates_alone(family: str, 
             assert batched[i].tolist() == alone[0].tolist(), f"row {i}"
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_padded_generation_step_extends_the_mask_once_per_forward(family: str, monkeypatch) -> None:
+    """Every layer gets the same extended mask object; building it per layer costs ops in every step."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = build(family, "unipelt_apl")
+    ids, mask = pad(rows(seed=1, lengths=(6, 3)), "left")
+    seen = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append(attention_mask)
+        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", spy)
+        step = torch.tensor([[5], [7]])
+        model(input_ids=step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+              cache=cache, use_cache=True)
+    length = model.pelt_config.prefix_length
+    assert len(seen) == model.config.num_hidden_layers == 2
+    assert seen[0] is seen[1] and seen[0].shape[-1] == length + ids.shape[1] + 1
+    assert seen[0][..., :length].all() and not seen[0][1, ..., length:length + 3].any()  # prefix open, padding shut
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_sits_before_every_sequence_and_is_not_cached(family: str) -> None:
     model = build(family, "unipelt_apl")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -73,19 +74,22 @@ def prefix_inputs(
     gate: torch.Tensor | None,
     causal: bool,
     additive: bool,
+    extend: Callable[[torch.Tensor, int], torch.Tensor] = extend_mask,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(query, key, value, mask) for an attention call that sees the prefix before every sequence.
 
     ``prefix_key``/``prefix_value``: (batch, kv heads, length, head dim), already scaled by a
     per-example gate if any; ``gate``: (batch, query tokens) per-token gates or None.
     The prefix is never masked. With ``gate``, the output must go through ``gated_output``.
+    ``extend``: ``extend_mask`` or a function giving the same (a caller may compute it once per
+    forward: every layer gets the same mask).
     """
     length = prefix_key.shape[2]
     if mask is None and causal and query.shape[2] > 1:  # transformers skipped it; is_causal would misalign
         key, value = without_empty_slots(query, key, value)
         mask = causal_mask(query.shape[2], query, additive)
     if mask is not None:
-        mask = extend_mask(mask, length)
+        mask = extend(mask, length)
     if gate is None:
         return query, torch.cat([prefix_key, key], dim=2), torch.cat([prefix_value, value], dim=2), mask
     g = gate[:, None, :, None].to(query.dtype)

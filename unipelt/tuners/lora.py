@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn.functional import linear
 
 from ..errors import PELTError
 from ..gates import GateSlot
@@ -65,18 +66,21 @@ class LoRALinear(nn.Module):
         return self.scaling * (b.weight @ a.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.lora_A(self.dropout(x))
+        # A and B are applied as functions, not called as modules: in a decoder's generation step a
+        # module call costs about what the tiny matmul does.
+        a, b = self.lora_A.weight, self.lora_B.weight
+        z = linear(self.dropout(x) if self.training else x, a)
         scale = self.gate.scale(x) if self.gate is not None else self.scaling
         y = self.base(x)
-        if y.dtype != self.lora_B.weight.dtype or (self.gate is not None and scale.shape[0] != y.shape[0]):
+        if y.dtype != b.dtype or (self.gate is not None and scale.shape[0] != y.shape[0]):
             # a batch-shared input (DeBERTa's positions) with per-example gates, or autocast (the
             # in-place updates below are not autocast: the out-of-place path casts for us)
-            return y + self.lora_B(z * scale)
+            return y + linear(z * scale, b)
         # In place on the base output, which its backward does not need: no full-width copy.
         if y.numel() <= SMALL_OUTPUT:  # a generation step: y += scale * B z in the fewest ops
-            update = self.lora_B(z)
+            update = linear(z, b)
             return y.addcmul_(update, scale) if self.gate is not None else y.add_(update, alpha=self.scaling)
-        y.view(-1, y.shape[-1]).addmm_((z * scale).reshape(-1, z.shape[-1]), self.lora_B.weight.t())
+        y.view(-1, y.shape[-1]).addmm_((z * scale).reshape(-1, z.shape[-1]), b.t())
         return y
 
 

@@ -153,6 +153,11 @@ def _extended_mask(mask: torch.Tensor, length: int, blank: int) -> torch.Tensor:
     return _once_per_forward(mask, ("extended", length, blank), lambda: extend_mask(mask, length, blank))
 
 
+def _extend_once(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """``extend_mask`` once per forward and mask (a padded generation step would build it per layer)."""
+    return _extended_mask(mask, length, 0)
+
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _once_per_forward(mask, ("additive", dtype), lambda: additive_mask(mask, dtype))
 
@@ -226,7 +231,8 @@ def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
             attention_mask = _additive(attention_mask, query.dtype)
         return merged_prefix_attention(query, key, value, attention_mask, pk, pv, gate, kwargs["scaling"]), None
     query, key, value, attention_mask = prefix_inputs(
-        query, key, value, attention_mask, pk, pv, gate, causal=True, additive=base_impl == "eager")
+        query, key, value, attention_mask, pk, pv, gate, causal=True, additive=base_impl == "eager",
+        extend=_extend_once)
     fn = sys.modules[type(module).__module__].eager_attention_forward if base_impl == "eager" \
         else ALL_ATTENTION_FUNCTIONS[base_impl]
     out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
