@@ -7,7 +7,7 @@ load on the machine hits both sides alike, medians of the per-round times; the r
 medians from the same run, and "per round" gives each round's ratio as median [min-max].
 Config: 12 layers, hidden 768, 12 heads, 4 key/value heads, intermediate 2048, vocabulary 32000;
 train on batch 8 x 256 tokens; generation: batch 4, a 32-token prompt, 64 new tokens, greedy,
-with the KV cache.
+with the KV cache. Both train with the AdamW that ``cli.py fit`` uses (fused on the CPU).
 Targets (issue 12): train <= 1.15 x PEFT LoRA (r 8, q and v); generation <= 1.10 x backbone.
 """
 
@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unipelt import PELTConfig, apply_pelt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
+from lightning_modules.base import adamw  # noqa: E402
+from unipelt import PELTConfig, apply_pelt  # noqa: E402
 
 
 def backbone(layers: int) -> LlamaForCausalLM:
@@ -89,7 +93,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 32000, (8, 256), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    optimizers = {name: adamw([{"params": [p for p in m.parameters() if p.requires_grad]}], lr=1e-4)
                   for name, m in (("unipelt", unipelt), ("lora", lora))}
     train = interleaved({"UniPELT (APL)": lambda: train_step(unipelt, optimizers["unipelt"], batch),
                          "PEFT LoRA": lambda: train_step(lora, optimizers["lora"], batch)}, args.rounds)

@@ -3,7 +3,9 @@
 For each backbone every preset is built on a copy of the same weights; rounds are interleaved
 (one train step and one inference pass of every preset and of the plain backbone per round,
 the order rotated each round) and medians are reported, so drifts in machine load hit all
-presets alike. Train step = forward + backward + AdamW step on the trainable weights;
+presets alike. Train step = forward + backward + AdamW step on the trainable weights (fused, as
+``cli.py fit`` trains; ``--adamw default`` for torch's per-tensor loop, which on the CPU costs
+fine-tuning far more than PELT and so flatters PELT's ratio);
 inference = eval-mode forward under ``torch.inference_mode`` of an untrained copy (the prefix
 MLP cached, as in serving; the trained model's cache would go stale at every step). Train
 ratios are to ``finetune``, inference ratios to the plain backbone (the HF model without PELT).
@@ -36,6 +38,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
+from lightning_modules.base import adamw  # noqa: E402
 from unipelt import PRESETS, PELTConfig, apply_pelt, count_trainable  # noqa: E402
 
 PAPER = {  # Table 4 of the paper (GPU): train time, inference time relative to fine-tuning
@@ -75,6 +78,12 @@ def build_backbone(name: str) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_config(config)
 
 
+def optimizer(params: list[torch.nn.Parameter], kind: str) -> torch.optim.Optimizer:
+    if kind == "fused":
+        return adamw([{"params": params}], lr=1e-5)
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
 def timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
@@ -97,7 +106,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     for preset in args.presets:
         model = apply_pelt(copy.deepcopy(backbone), PELTConfig.preset(preset))
         models[preset] = model
-        optims[preset] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        optims[preset] = optimizer([p for p in model.parameters() if p.requires_grad], args.adamw)
         # Inference runs on a copy nobody trains, as a served model: a train step changes the prefix
         # network's weights, which would make every timed inference recompute its eval-mode cache.
         served[preset] = copy.deepcopy(model).eval()
@@ -168,6 +177,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--padded", action="store_true", help="pad the last quarter of each row")
+    parser.add_argument("--adamw", choices=("fused", "default"), default="fused",
+                        help="fused: as cli.py fit trains; default: torch's per-tensor loop")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
@@ -178,7 +189,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"length {args.length}{' (padded)' if args.padded else ''}, {args.rounds} rounds "
-          f"(+{args.warmup} warm-up), medians, wall clock, load average {os.getloadavg()[0]:.1f}",
+          f"(+{args.warmup} warm-up), {args.adamw} AdamW, medians, wall clock, load average {os.getloadavg()[0]:.1f}",
           flush=True)
     rows = []
     for name in args.models:

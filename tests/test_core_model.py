@@ -305,3 +305,27 @@ def test_load_mismatches_are_named():
         load_pelt_state_dict(pelt("bert", "lora"), state)
     with pytest.raises(PELTError, match="apply_pelt"):
         pelt_state_dict(tiny("bert"))
+
+
+def test_training_uses_fused_adamw_where_torch_has_the_kernel():
+    """The CPU default is a Python loop per tensor (bert-base fine-tuning: 470 vs 70 ms a step fused);
+    a device without the kernel keeps torch's default rather than failing."""
+    from lightning_modules.base import adamw
+
+    cpu = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))]
+    fused = adamw([{"params": cpu[:1], "weight_decay": 0.1}, {"params": cpu[1:], "weight_decay": 0.0}], lr=0.1)
+    assert fused.defaults["fused"] is True and [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]
+    meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
+    assert adamw([{"params": meta}], lr=0.1).defaults["fused"] is None
+    # the same update as torch's default loop
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in cpu]
+    plain = torch.optim.AdamW([{"params": twins[:1], "weight_decay": 0.1}, {"params": twins[1:], "weight_decay": 0.0}],
+                              lr=0.1)
+    for _ in range(3):
+        for p, q in zip(cpu, twins, strict=True):
+            p.grad = torch.full_like(p, 0.5)
+            q.grad = torch.full_like(q, 0.5)
+        fused.step()
+        plain.step()
+    for p, q in zip(cpu, twins, strict=True):
+        torch.testing.assert_close(p, q)
