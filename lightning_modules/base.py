@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.trainer.states import TrainerFn
 from transformers import get_linear_schedule_with_warmup
 
@@ -27,14 +28,15 @@ from unipelt.io import check_identity
 FUSED_DEVICES = ("cpu", "cuda")  # where torch's AdamW has a fused kernel for every floating dtype
 
 
-def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where every trainable tensor's device has one.
+def adamw(groups: list[dict[str, Any]], fuse: bool = True, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where every trainable tensor's device has one (and ``fuse``).
 
     Its default on the CPU is a Python loop of about ten ops per tensor: at 2 threads that loop cost
     bert-base fine-tuning 470 ms per step and UniPELT 54 ms; fused, 70 and 9 ms (same update, one
     pass per tensor; benchmarks/step_time.py). Elsewhere torch's own default stays."""
     params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+    fused = fuse and bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES
+                                          for p in params)
     return torch.optim.AdamW(groups, fused=True if fused else None, **kwargs)
 
 
@@ -117,11 +119,15 @@ class PELTModule(pl.LightningModule):
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 (decay if spec.decays(name) else no_decay).append(param)
+        # Lightning refuses to clip gradients under mixed precision for an optimizer that unscales
+        # them in its own step, as the fused one does.
+        clips_mixed = isinstance(self.trainer.precision_plugin, MixedPrecision) and bool(self.trainer.gradient_clip_val)
         optimizer = adamw(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
+            fuse=not clips_mixed,
             lr=self.learning_rate,
             eps=self.hparams.adam_epsilon,
         )

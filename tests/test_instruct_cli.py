@@ -81,3 +81,18 @@ def test_instruct_example_config_parses(capsys) -> None:
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["method"] == "unipelt_apl" and printed["data"]["prompt_field"] == "prompt"
     assert printed["model"]["do_sample"] is False
+
+
+def test_bf16_mixed_with_gradient_clipping_trains(tiny_llama, tmp_path) -> None:
+    """The example config clips gradients; under mixed precision Lightning refuses to clip for an
+    optimizer that unscales in its own step (fused AdamW), so the module must not fuse there."""
+    train = write_jsonl(tmp_path / "train.jsonl", prompt_rows(16))
+    run = tmp_path / "run"
+    main(["fit", "--config", str(ROOT / "configs" / "instruct_example.yaml"),
+          "--model.model_name_or_path", str(tiny_llama), "--data.train_file", str(train), "--data.k_shot", "8",
+          "--data.dev_size", "4", "--data.batch_size", "4", "--trainer.max_epochs", "1", "--data.max_seq_length", "64",
+          "--data.cache_dir", str(tmp_path / "cache"), "--trainer.accelerator", "cpu",
+          "--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "1.0",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)])
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    assert torch.isfinite(torch.tensor(summary["best_val"]["value"]))
