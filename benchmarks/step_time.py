@@ -78,12 +78,6 @@ def build_backbone(name: str) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_config(config)
 
 
-def optimizer(params: list[torch.nn.Parameter], kind: str) -> torch.optim.Optimizer:
-    if kind == "fused":
-        return adamw([{"params": params}], lr=1e-5)
-    return torch.optim.AdamW(params, lr=1e-5)
-
-
 def timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
@@ -106,7 +100,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     for preset in args.presets:
         model = apply_pelt(copy.deepcopy(backbone), PELTConfig.preset(preset))
         models[preset] = model
-        optims[preset] = optimizer([p for p in model.parameters() if p.requires_grad], args.adamw)
+        optims[preset] = adamw([{"params": [p for p in model.parameters() if p.requires_grad]}],
+                               fuse=args.adamw == "fused", lr=1e-5)
         # Inference runs on a copy nobody trains, as a served model: a train step changes the prefix
         # network's weights, which would make every timed inference recompute its eval-mode cache.
         served[preset] = copy.deepcopy(model).eval()

@@ -149,13 +149,9 @@ def _once_per_forward(mask: torch.Tensor, tag: tuple, build: Callable[[], torch.
     return hit[1]
 
 
-def _extended_mask(mask: torch.Tensor, length: int, blank: int) -> torch.Tensor:
-    return _once_per_forward(mask, ("extended", length, blank), lambda: extend_mask(mask, length, blank))
-
-
-def _extend_once(mask: torch.Tensor, length: int) -> torch.Tensor:
+def _extended_mask(mask: torch.Tensor, length: int, blank: int = 0) -> torch.Tensor:
     """``extend_mask`` once per forward and mask (a padded generation step would build it per layer)."""
-    return _extended_mask(mask, length, 0)
+    return _once_per_forward(mask, ("extended", length, blank), lambda: extend_mask(mask, length, blank))
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -232,7 +228,7 @@ def _causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.
         return merged_prefix_attention(query, key, value, attention_mask, pk, pv, gate, kwargs["scaling"]), None
     query, key, value, attention_mask = prefix_inputs(
         query, key, value, attention_mask, pk, pv, gate, causal=True, additive=base_impl == "eager",
-        extend=_extend_once)
+        extend=_extended_mask)
     fn = sys.modules[type(module).__module__].eager_attention_forward if base_impl == "eager" \
         else ALL_ATTENTION_FUNCTIONS[base_impl]
     out, weights = fn(module, query, key, value, attention_mask, *args, **kwargs)
