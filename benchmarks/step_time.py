@@ -91,8 +91,7 @@ def frozen_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
     base = {id(p) for p in model.base_model.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) not in base)
-    model.get_input_embeddings().register_forward_hook(
-        lambda _module, _args, out: out.requires_grad_() if torch.is_grad_enabled() else out)
+    model.get_input_embeddings().register_forward_hook(lambda _module, _args, out: out.requires_grad_())
     return model
 
 

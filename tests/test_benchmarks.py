@@ -1,0 +1,39 @@
+"""The benchmarks' reference models are what their tables call them."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_core_model import FAMILIES, batch, tiny
+
+
+def _step_time():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
+    spec = importlib.util.spec_from_file_location("step_time", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_floor_trains_the_head_only_and_backpropagates_through_every_layer(family):
+    """The "(frozen backbone)" row: no backbone weight trains, yet the backward reaches the
+    embeddings' output (so it runs through every layer), and its loss is the backbone's."""
+    backbone = tiny(family)
+    floor = _step_time().frozen_backbone(backbone).train()
+    base = {id(p) for p in floor.base_model.parameters()}
+    assert not any(p.requires_grad for p in floor.parameters() if id(p) in base)
+    assert all(p.requires_grad for p in floor.parameters() if id(p) not in base)
+
+    outputs = []
+    floor.get_input_embeddings().register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    inputs, labels = batch(family, [6, 4]), torch.tensor([0, 2])
+    loss = floor(**inputs, labels=labels).loss
+    loss.backward()
+    assert outputs[0].grad is not None and outputs[0].grad.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(loss, backbone.train()(**inputs, labels=labels).loss)
