@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from tests.test_core_model import FAMILIES, batch, tiny
 
 
+@functools.cache
 def _step_time():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
     spec = importlib.util.spec_from_file_location("step_time", path)
