@@ -79,8 +79,11 @@ class ForwardContext:
         if self.causal:
             return per_token
         weights = self.token_weights
-        return torch.einsum("btn,bt->bn", per_token,
-                            weights if weights.dtype == per_token.dtype else weights.to(per_token.dtype))
+        if weights.dtype != per_token.dtype:
+            weights = weights.to(per_token.dtype)
+        # bmm, not einsum: (b, 1, t) @ (b, t, n) in one op; einsum's planning cost ~17 us a call,
+        # 3 % of a batch-1 MiniLM forward with 12 gate banks
+        return torch.bmm(weights.unsqueeze(1), per_token).squeeze(1)
 
     def per_example(self, gates: torch.Tensor) -> torch.Tensor:
         """What gate_values() reports: (batch, n); per-token gates averaged over real tokens."""

@@ -124,7 +124,7 @@ def gated_prefix(module: nn.Module, batch: int, dtype: torch.dtype, gate: torch.
     if gate.dim() != 1:  # a per-position (causal) gate cannot scale keys shared by all queries
         raise PELTError("a gated prefix needs one gate per example; causal (per-position) "
                         "prefix gates are not supported")
-    return (kv * gate[:, None, None, None, None]).unbind(1)  # keys and values in one multiply
+    return (kv * gate.view(-1, 1, 1, 1, 1)).unbind(1)  # keys and values in one multiply
 
 
 def prefix_for(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
