@@ -251,6 +251,25 @@ def test_train_after_eval_trains_mlp_and_cache_follows_weights():
         assert torch.equal(edited, model(**inputs).logits)
 
 
+def test_eval_called_again_keeps_the_cache_and_train_drops_it(monkeypatch):
+    """Serving code often calls model.eval() per request: that must not rerun the prefix network."""
+    model = pelt("bert", "prefix")
+    encoder = model.bert.pelt_prefix
+    runs = []
+    compute = type(encoder).compute
+    monkeypatch.setattr(type(encoder), "compute", lambda self: runs.append(1) or compute(self))
+    inputs = batch("bert", [6, 3])
+    with torch.no_grad():
+        first = model.eval()(**inputs).logits
+        second = model.eval()(**inputs).logits
+    assert len(runs) == 1 and torch.equal(first, second)
+    model.train()
+    assert encoder._cache is None  # training frees it; its forwards never read it
+    with torch.no_grad():
+        model.eval()(**inputs)
+    assert len(runs) == 2
+
+
 def test_unfolded_checkpoint_keeps_mlp_and_folded_is_smaller():
     model = pelt("bert", "unipelt_apl")
     train_steps(model, "bert", steps=1)

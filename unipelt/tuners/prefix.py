@@ -15,9 +15,10 @@ config object the caller shares is never changed). Switching the implementation 
 ``apply_pelt`` to one without the prefix fails at the next forward.
 
 Eval-mode cache: when gradients are off (``no_grad``/``inference_mode``) the network's output
-is computed once and reused until a weight changes; with gradients on it always runs, so a
-backward reaches the network in eval mode too. ``fold()`` replaces the network for good by
-a static parameter (the paper's parameter count; smaller checkpoints).
+is computed once and reused until a weight changes or ``train()`` is called (``eval()`` keeps
+it); with gradients on it always runs, so a backward reaches the network in eval mode too.
+``fold()`` replaces the network for good by a static parameter (the paper's parameter count;
+smaller checkpoints).
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ class PrefixEncoder(nn.Module):
         return self._cache
 
     def train(self, mode: bool = True) -> PrefixEncoder:
-        self._cache = None
+        """Training drops the cache (its forwards never read it); ``eval()`` keeps it: serving code
+        that calls ``model.eval()`` per request would otherwise rerun the network every time (the
+        key above still catches any weight change)."""
+        if mode:
+            self._cache = None
         return super().train(mode)
 
     @torch.no_grad()
