@@ -92,7 +92,7 @@ class PrefixEncoder(nn.Module):
     def train(self, mode: bool = True) -> PrefixEncoder:
         """Training drops the cache (its forwards never read it); ``eval()`` keeps it: serving code
         that calls ``model.eval()`` per request would otherwise rerun the network every time (the
-        key above still catches any weight change)."""
+        cache key, each weight's pointer and version, still catches any weight change)."""
         if mode:
             self._cache = None
         return super().train(mode)
