@@ -145,3 +145,38 @@ def test_reentrant_checkpointing_needs_a_folded_prefix():
     got = backward(model, "bert")
     model.gradient_checkpointing_disable()
     assert_same(got, backward(model, "bert"), exact=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v2", "modernbert"])
+def test_torch_compile_traces_one_graph_with_eager_logits_and_gates(family):
+    """The context must not break the graph (a ContextVar gave 27 graphs and a slower compiled model)."""
+    model = pelt(family, "unipelt_apl").eval()
+    inputs = batch(family, [6, 4, 2])
+    with torch.inference_mode():
+        expected, expected_gates = model(**inputs).logits, gate_values(model)
+        explained = torch._dynamo.explain(model)(**inputs)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="eager")(**inputs).logits
+    torch.testing.assert_close(got, expected)
+    got_gates = gate_values(model)
+    assert set(got_gates) == set(expected_gates)
+    for key, value in expected_gates.items():
+        torch.testing.assert_close(got_gates[key], value)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_with_graph_breaks_and_training_matches_eager():
+    """Breaks inside the model (a user's hooks) split the trace, not the context; gradients match."""
+    model = pelt("bert", "unipelt_apl")
+    compiled_copy = copy.deepcopy(model)
+    for layer in compiled_copy.bert.encoder.layer:
+        layer.attention.register_forward_hook(lambda *_: torch._dynamo.graph_break())
+    expected = backward(model, "bert")
+    backward(torch.compile(compiled_copy, backend="eager"), "bert")
+    got = grads(compiled_copy)
+    assert set(got) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad)
+    assert context._TRACED == []  # nothing left entered
+    torch._dynamo.reset()

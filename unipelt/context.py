@@ -14,6 +14,11 @@ been left. ``bind_checkpointing`` wraps the layers' checkpoint function so the r
 inside a *replay* of its own forward's context (same mask and prefix, fresh gate cache: the
 replay must recompute every tensor the first pass saved).
 
+Under ``torch.compile`` (Dynamo cannot trace ``ContextVar.get``) the context lives on a plain list
+while tracing: Dynamo keeps that list's mutations symbolic, so the compiled model reads the context
+it entered and a whole encoder compiles to one graph (with the ContextVar, 27); eager forwards keep
+the ContextVar (thread and task safety).
+
 Gate reduction (``reduce``) is the one place that knows how per-token gate values become a
 scale: the mean over real tokens, one value per example (encoders), or with ``causal`` one
 gate per token, so that no position's gate sees a later token and a KV cache needs no gate
@@ -103,8 +108,17 @@ def per_example(gates: torch.Tensor, token_weights: torch.Tensor) -> torch.Tenso
     return torch.einsum("btn,bt->bn", gates.float(), token_weights.float())
 
 
+_TRACED: list[ForwardContext] = []  # contexts entered while torch.compile traces (see the module docstring)
+
+
+def _active() -> ForwardContext | None:
+    if torch.compiler.is_compiling():
+        return _TRACED[-1] if _TRACED else None
+    return _ACTIVE.get()
+
+
 def current() -> ForwardContext:
-    ctx = _ACTIVE.get()
+    ctx = _active()
     if ctx is None:
         raise PELTError("a unipelt module was called outside its model's forward "
                         "(call the model, not one of its layers)")
@@ -112,6 +126,9 @@ def current() -> ForwardContext:
 
 
 def enter(ctx: ForwardContext) -> None:
+    if torch.compiler.is_compiling():
+        _TRACED.append(ctx)
+        return
     ctx.previous = _ACTIVE.get()
     _ACTIVE.set(ctx)
 
@@ -119,9 +136,11 @@ def enter(ctx: ForwardContext) -> None:
 def leave(owner: int | None = None) -> ForwardContext | None:
     """Leave the current context (``owner``'s only: a forward that failed before entering its
     own context leaves nothing)."""
-    ctx = _ACTIVE.get()
+    ctx = _active()
     if ctx is None or (owner is not None and ctx.owner != owner):
         return None
+    if torch.compiler.is_compiling():
+        return _TRACED.pop()
     _ACTIVE.set(ctx.previous)
     ctx.previous = None
     return ctx
