@@ -491,3 +491,20 @@ def test_sliding_window_generation_with_caches_equals_generation_without(family:
             torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-5, rtol=1e-4)
         alone = model.generate(ids[1:, 4:], attention_mask=mask[1:, 4:], **common)
     assert alone.sequences[0, 6:].tolist() == expected.sequences[1, 10:].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_torch_compile_traces_one_graph_with_eager_logits(family: str) -> None:
+    """While Dynamo traces, the prefix takes the widened call (the CPU kernel path and its check would
+    break the graph); the logits of real tokens equal eager's, which take the merged path."""
+    model = build(family, "unipelt_apl")
+    ids, mask = pad(rows(), "left")
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        explained = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="eager")(input_ids=ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)

@@ -122,10 +122,12 @@ def gated_output(output: torch.Tensor, gate: torch.Tensor, prefix_value: torch.T
 def can_merge(query: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
     """Whether ``merged_prefix_attention`` applies: CPU tensors; several queries (at one, a
     generation step, the kernel costs more than the copies it saves: 290 vs 112 us per layer);
-    no attention dropout (the kernel's dropout is not exposed); equal key and value head dims;
-    a torch build whose CPU flash kernel keeps the contract this path relies on (``kernel_checked``)."""
+    no attention dropout (the kernel's dropout is not exposed); equal key and value head dims; not
+    while ``torch.compile`` traces (the widened call compiles to one graph; the private kernel and its
+    check would break it); a torch build whose CPU flash kernel keeps the contract this path relies
+    on (``kernel_checked``)."""
     return (query.shape[2] > 1 and query.device.type == "cpu" and not dropout
-            and query.shape[-1] == value.shape[-1] and kernel_checked())
+            and query.shape[-1] == value.shape[-1] and not torch.compiler.is_compiling() and kernel_checked())
 
 
 @functools.cache
