@@ -83,7 +83,7 @@ class PrefixEncoder(nn.Module):
         if torch.is_grad_enabled():  # training, or a backward in eval mode: never cached
             self._cache = None
             return self.compute()
-        if torch.compiler.is_compiling():  # the key's data pointers would break the graph: part of it
+        if torch.compiler.is_compiling():  # run inside the graph: the key's data pointers would break it
             return self.compute()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
         if self._cache is None or key != self._cache_key:
