@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError
+from .errors import one_line
 from .export import MERGED_ATTR
 from .inject import apply_pelt, count_trainable
 
@@ -293,8 +294,7 @@ def _resolve(path_or_hub_id: str | os.PathLike, revision: str | None, token: str
         return Path(snapshot_download(name, revision=revision, token=token,
                                       allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PELTError(f"{name!r}: could not download from the hub ({first})") from None
+        raise PELTError(f"{name!r}: could not download from the hub ({one_line(err)})") from None
 
 
 PACKAGE_PREFIX = "pkg:"
@@ -336,8 +336,7 @@ def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:
                                             problem_type=backbone["problem_type"])
         return AutoModelForSequenceClassification.from_pretrained(name, config=config, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise PELTError(f"the recorded backbone {name!r} could not be loaded ({first}); "
+        raise PELTError(f"the recorded backbone {name!r} could not be loaded ({one_line(err)}); "
                         "load it yourself and pass it as model=") from None
 
 
