@@ -10,8 +10,8 @@ import torch
 from decoder_fixtures import prompt_rows, tiny_tokenizer, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cli import SUMMARY_FILE, main
-from lightning_modules.instruct_cli import is_instruct_run
+from cli import main
+from lightning_modules.run import INSTRUCTION, SUMMARY_FILE, choose_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_fit_then_predict_writes_generations(tiny_llama, tmp_path) -> None:
     assert 0 < summary["trainable_params"] < summary["total_params"]
     best = summary["best_checkpoint"]
     assert Path(best).is_file()
-    assert is_instruct_run(["predict", "--ckpt_path", best])  # the checkpoint says what it is
+    assert choose_kind(["predict", "--ckpt_path", best]) is INSTRUCTION  # the checkpoint says what it is
 
     # No config: the checkpoint states the model; the command line the rest.
     out = tmp_path / "gen.jsonl"
