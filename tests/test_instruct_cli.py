@@ -16,9 +16,8 @@ from lightning_modules.run import INSTRUCTION, SUMMARY_FILE, choose_kind
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny-llama"
+def write_tiny_llama(folder: Path) -> Path:
+    """A random 2-layer Llama (grouped-query attention) with the word-level tokenizer; seeded."""
     tok = tiny_tokenizer()
     tok.save_pretrained(folder)
     torch.manual_seed(0)
@@ -27,6 +26,11 @@ def tiny_llama(tmp_path_factory) -> Path:
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
 
 
 def test_fit_then_predict_writes_generations(tiny_llama, tmp_path) -> None:
