@@ -105,7 +105,21 @@ def _quiet_load_report() -> Iterator[None]:
 
 
 class PELTModule(pl.LightningModule):
-    """A model with `apply_pelt` applied (``self.model``), trained on its trainable tensors only."""
+    """A model with `apply_pelt` applied (``self.model``), trained on its trainable tensors only.
+
+    The options every kind of run takes (a subclass passes them on with ``**kwargs``; the CLI lists them
+    with the subclass's own).
+
+    Args:
+        method: the method, a preset (case-insensitive): {presets}.
+        pelt_overrides: per-hyperparameter overrides of the preset, e.g. ``{{"lora_r": 16}}``.
+        learning_rate: AdamW learning rate; None takes the method's default.
+        weight_decay: AdamW weight decay of the trainable weights (not biases or normalisation weights).
+        warmup_ratio: fraction of the training steps with linear warm-up.
+        adam_epsilon: AdamW's epsilon.
+        checkpoint_every_n_steps: also write `last.ckpt` every this many optimizer steps, so a killed
+            run resumes (`--ckpt_path last`) mid-epoch; 0 or None: only after each validation.
+    """
 
     monitor_mode: ClassVar[str] = "max"  # how `main_metric` improves
     main_metric: str
@@ -113,32 +127,45 @@ class PELTModule(pl.LightningModule):
     learning_rate: float
     backbone_params: int
 
-    def configure_method(self, method: str, overrides: dict[str, Any], learning_rate: float | None,
-                         weight_decay: float, warmup_ratio: float, early_stopping_patience: int | None,
-                         checkpoint_every_n_steps: int | None) -> PELTConfig:
-        """Check the training options every module takes and build the method's PELTConfig.
-
-        The method is looked up in `unipelt.PRESETS` (any case) and recorded by its preset's name, so
-        checkpoints, summaries and run folders spell it one way; the preset refuses an override of a
-        submodule it lacks (it would change nothing)."""
+    def __init__(
+        self,
+        method: str = "unipelt_apl",
+        pelt_overrides: dict[str, Any] | None = None,
+        learning_rate: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        adam_epsilon: float = 1e-8,
+        checkpoint_every_n_steps: int | None = 500,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # these arguments and the subclass's (Lightning reads both calls)
         check_options(
             learning_rate=(learning_rate, learning_rate is None or 0 < learning_rate < math.inf, "> 0"),
             weight_decay=(weight_decay, 0 <= weight_decay < math.inf, ">= 0"),
             warmup_ratio=(warmup_ratio, 0 <= warmup_ratio <= 1, "in 0..1"),
-            early_stopping_patience=(early_stopping_patience,
-                                     early_stopping_patience is None or early_stopping_patience >= 0,
-                                     ">= 0 (or null: never stop early)"),
             checkpoint_every_n_steps=(checkpoint_every_n_steps,
                                       checkpoint_every_n_steps is None or checkpoint_every_n_steps >= 0,
                                       ">= 0 (0 or null: after each validation only)"),
         )
+        patience = self.hparams.get("early_stopping_patience")  # the subclass's (its default differs per kind)
+        check_options(early_stopping_patience=(patience, patience is None or patience >= 0,
+                                               ">= 0 (or null: never stop early)"))
+        self.strict_loading = False  # checkpoints hold only the trainable tensors; the rest is the backbone
+
+    def configure_method(self, overrides: dict[str, Any]) -> PELTConfig:
+        """The method's PELTConfig, with ``overrides`` (`pelt_overrides` and the subclass's own).
+
+        The method is looked up in `unipelt.PRESETS` (any case) and recorded by its preset's name, so
+        checkpoints, summaries and run folders spell it one way; the preset refuses an override of a
+        submodule it lacks (it would change nothing)."""
+        method = self.hparams.method
         preset = PRESETS.get(str(method))
         if preset is None:
             raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
         self.pelt_config = PELTConfig.preset(preset.name, **overrides)
         self.hparams.method = preset.name
+        learning_rate = self.hparams.learning_rate
         self.learning_rate = learning_rate if learning_rate is not None else preset.learning_rate
-        self.strict_loading = False  # checkpoints hold only the trainable tensors; the rest is the backbone
         return self.pelt_config
 
     def adapt(self, backbone: torch.nn.Module) -> torch.nn.Module:
@@ -312,3 +339,7 @@ class PELTModule(pl.LightningModule):
     def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
         """Write every rank's `predict_step` outputs (one list per predict loader) in input order."""
         raise NotImplementedError
+
+
+# The method's help lists the presets from the one table (jsonargparse shows it as `--model.method`'s help).
+PELTModule.__doc__ = PELTModule.__doc__.format(presets=", ".join(PRESETS))

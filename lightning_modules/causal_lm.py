@@ -34,13 +34,13 @@ class CausalLMModule(PELTModule):
         model_name_or_path: hub name or local folder of the pretrained decoder.
         gguf_file: a GGUF file inside that folder (dequantised by transformers; needs `gguf`).
         dtype: the backbone's weights' dtype (``float32``, ``bfloat16``); new submodules take it too.
-        method, pelt_overrides, learning_rate, weight_decay, warmup_ratio, adam_epsilon: as for encoders.
         max_new_tokens: tokens generated per prompt by `predict`.
         do_sample: sample instead of greedy decoding (then `generation_kwargs` may set temperature...).
         generation_kwargs: any other `generate()` keyword arguments.
         predict_output: where `predict` writes its JSON Lines (default `<run folder>/generations.jsonl`;
             `--predictions` wins).
-        early_stopping_patience, checkpoint_every_n_steps: as for encoders (monitoring dev loss).
+        early_stopping_patience: validation rounds without a lower dev loss before stopping; None: never.
+        **kwargs: the method and training options of `PELTModule` (method, pelt_overrides, learning_rate, ...).
     """
 
     monitor_mode = "min"  # dev loss
@@ -50,30 +50,21 @@ class CausalLMModule(PELTModule):
         model_name_or_path: str = "Qwen/Qwen2.5-0.5B",
         gguf_file: str | None = None,
         dtype: str = "float32",
-        method: str = "unipelt_apl",
-        pelt_overrides: dict[str, Any] | None = None,
-        learning_rate: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
-        adam_epsilon: float = 1e-8,
         max_new_tokens: int = 64,
         do_sample: bool = False,
         generation_kwargs: dict[str, Any] | None = None,
         predict_output: str | None = None,
         early_stopping_patience: int | None = 5,
-        checkpoint_every_n_steps: int | None = 500,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         check_options(
             dtype=(dtype, dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
             max_new_tokens=(max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, ">= 1"),
         )
-        self.configure_method(method, dict(pelt_overrides or {}), learning_rate, weight_decay, warmup_ratio,
-                              early_stopping_patience, checkpoint_every_n_steps)
-        h = self.hparams
-        self.model = self.adapt(load_backbone(AutoModelForCausalLM, h.model_name_or_path, "causal LM",
-                                              gguf_file=h.gguf_file, dtype=DTYPES[h.dtype]))
+        self.configure_method(dict(self.hparams.pelt_overrides or {}))
+        self.model = self.adapt(load_backbone(AutoModelForCausalLM, model_name_or_path, "causal LM",
+                                              gguf_file=gguf_file, dtype=DTYPES[dtype]))
         self.main_metric = "val/loss"  # lower is better: monitor_mode "min"
         self.val_loss = MeanMetric()  # weighted by response tokens: a token-level mean over the split
         self.test_loss = MeanMetric()

@@ -209,7 +209,8 @@ class PELTCLI(CLIWithCheckpointCheck):
             kind.module, kind.datamodule, args=args, run=run, save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             # Each subcommand's parser is told its name (init_parser), for --predictions and the help texts.
-            parser_kwargs={"description": DESCRIPTION, **{name: {"subcommand_name": name} for name in HELP_SUBCOMMANDS}},
+            parser_kwargs={"description": DESCRIPTION,
+                           **{name: {"subcommand_name": name} for name in HELP_SUBCOMMANDS}},
         )
 
     def init_parser(self, subcommand_name: str | None = None, **kwargs: Any) -> LightningArgumentParser:

@@ -19,7 +19,7 @@ from lightning_modules.base import CheckpointMismatchError, ModelConfigError, PE
 from lightning_modules.errors import UsageError
 from lightning_modules.metrics import make_metric
 from lightning_modules.predictions import FILE_FORMATS, write_predictions
-from unipelt import PRESETS, gate_values
+from unipelt import gate_values
 from unipelt.io import identity
 
 __all__ = ["CheckpointMismatchError", "ModelConfigError", "UniPELTLightningModule"]
@@ -32,43 +32,28 @@ class UniPELTLightningModule(PELTModule):
         model_name_or_path: hub name or local folder of the pretrained backbone.
         task: a GLUE task name, or a task read from your files (`TaskInfo.to_dict()`); the CLI hands
             over the data module's, which sets the labels (the model's id2label) and the metrics.
-        method: the method, a preset (case-insensitive): {presets}.
-        pelt_overrides: per-hyperparameter overrides of the preset, e.g. ``{{"lora_r": 16}}``.
-        learning_rate: AdamW learning rate; None takes the method's default.
-        weight_decay: AdamW weight decay of the trainable weights (not biases or LayerNorms).
-        warmup_ratio: fraction of the training steps with linear warm-up.
-        adam_epsilon: AdamW's epsilon.
-        early_stopping_patience: validation rounds without improvement before stopping; None: never.
-        checkpoint_every_n_steps: also write `last.ckpt` every this many optimizer steps, so a killed
-            run resumes (`--ckpt_path last`) mid-epoch; 0 or None: only after each validation.
         head: the classification head, one of `unipelt.HEADS` (pooler, pooler_trainable, mean, cls_mlp;
             docs/method.md#heads); None: `pelt_overrides`' head, else `pooler` (the paper's).
+        early_stopping_patience: validation rounds without improvement before stopping; None: never.
+        **kwargs: the method and training options of `PELTModule` (method, pelt_overrides, learning_rate, ...).
     """
 
     def __init__(
         self,
         model_name_or_path: str = "bert-base-uncased",
         task: str | dict[str, Any] = "rte",
-        method: str = "unipelt_apl",
-        pelt_overrides: dict[str, Any] | None = None,
-        learning_rate: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
-        adam_epsilon: float = 1e-8,
-        early_stopping_patience: int | None = 10,
-        checkpoint_every_n_steps: int | None = 500,
         head: str | None = None,
+        early_stopping_patience: int | None = 10,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.task_info: TaskInfo = task_from(task)
-        overrides = dict(pelt_overrides or {})
+        overrides = dict(self.hparams.pelt_overrides or {})
         if head is not None:  # --model.head feeds the PELTConfig like an override
             check_options(head=(head, overrides.get("head", head) == head,
                                  f"the head pelt_overrides gives ({overrides.get('head')!r}), or left unset"))
             overrides["head"] = head
-        self.configure_method(method, overrides, learning_rate, weight_decay, warmup_ratio,
-                              early_stopping_patience, checkpoint_every_n_steps)
+        self.configure_method(overrides)
         self.model = self._build_model()
         self.main_metric = f"val/{self.task_info.main_metric}"
         self.val_metrics = self._metrics("val/")
@@ -210,7 +195,3 @@ class UniPELTLightningModule(PELTModule):
 
     def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
         return write_predictions(outputs, datamodule, self.task_info, target)
-
-
-# The method's help lists the presets from the one table (jsonargparse shows this docstring as `--model.method`'s help).
-UniPELTLightningModule.__doc__ = UniPELTLightningModule.__doc__.format(presets=", ".join(PRESETS))
