@@ -91,7 +91,8 @@ def test_classifier_checkpoint_of_v1_predicts_the_same(inputs, tmp_path):
     out = tmp_path / "preds.csv"
     main(["predict", "--ckpt_path", str(PINNED / "encoder.ckpt"), "--model.model_name_or_path",
           str(inputs / "tiny-bert"), "--data.predict_file", str(inputs / "new.csv"), "--predictions", str(out),
-          "--data.cache_dir", str(tmp_path / "cache"), *QUIET])  # fmt: skip
+          "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
+          *QUIET])  # fmt: skip
     got, expected = (list(csv.DictReader(p.open())) for p in (out, PINNED / "encoder_predictions.csv"))
     assert [{k: v for k, v in r.items() if not k.startswith("prob_")} for r in got] == [
         {k: v for k, v in r.items() if not k.startswith("prob_")} for r in expected]
@@ -129,5 +130,6 @@ def test_instruction_checkpoint_of_v1_generates_the_same(inputs, tmp_path):
     out = tmp_path / "gen.jsonl"
     main(["predict", "--ckpt_path", str(PINNED / "decoder.ckpt"), "--model.model_name_or_path",
           str(inputs / "tiny-llama"), "--data.cache_dir", str(tmp_path / "cache"), "--data.predict_file",
-          str(inputs / "prompts.jsonl"), "--model.max_new_tokens", "5", "--predictions", str(out), *QUIET])
+          str(inputs / "prompts.jsonl"), "--model.max_new_tokens", "5", "--predictions", str(out),
+          "--trainer.default_root_dir", str(tmp_path), *QUIET])  # not the fixture's folder
     assert out.read_text() == (PINNED / "decoder_generations.jsonl").read_text()
