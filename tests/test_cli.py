@@ -144,6 +144,19 @@ def test_unknown_method_is_one_line_exit_2(tiny_model, glue_dir, tmp_path, capsy
     assert "lorra" in err and "unipelt_apl" in err and "Traceback" not in err
 
 
+def test_an_override_of_a_submodule_the_method_lacks_is_one_line_exit_2(tiny_model, glue_dir, tmp_path, capsys):
+    """unipelt's preset refuses it (it would change nothing); the CLI says so in one line."""
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *common_args(tiny_model, glue_dir, out, method="LoRA"),
+              "--model.pelt_overrides", "{adapter_bottleneck: 64}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1]
+    assert line.startswith("error: adapter_bottleneck does not apply") and "'lora' has no adapter" in line, err
+    assert "Traceback" not in err and not out.exists()
+
+
 GLUE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem not in ("quickstart", "instruct_example"))
 
 

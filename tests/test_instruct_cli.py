@@ -11,7 +11,7 @@ from decoder_fixtures import prompt_rows, tiny_tokenizer, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cli import main
-from lightning_modules.run import INSTRUCTION, SUMMARY_FILE, choose_kind
+from lightning_modules.run import CLASSIFICATION, INSTRUCTION, SUMMARY_FILE, choose_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,3 +100,14 @@ def test_bf16_mixed_with_gradient_clipping_trains(tiny_llama, tmp_path) -> None:
           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)])
     summary = json.loads((run / SUMMARY_FILE).read_text())
     assert torch.isfinite(torch.tensor(summary["best_val"]["value"]))
+
+
+def test_the_run_kind_comes_from_the_options_named() -> None:
+    """Options only instruction runs have (on the command line or in a --config) make one; else classification."""
+    configs = ROOT / "configs"
+    assert choose_kind(["fit", "--data.prompt_field", "q"]) is INSTRUCTION
+    assert choose_kind(["fit", "--model.max_new_tokens=3"]) is INSTRUCTION
+    assert choose_kind(["fit", "--config", str(configs / "instruct_example.yaml")]) is INSTRUCTION
+    assert choose_kind(["fit", "--config", str(configs / "rte_k100.yaml")]) is CLASSIFICATION
+    assert choose_kind(["fit", "--data.train_file", "rows.jsonl", "--model.method", "lora"]) is CLASSIFICATION
+    assert choose_kind(["predict", "--ckpt_path", "no-such.ckpt"]) is CLASSIFICATION  # the CLI refuses the file
