@@ -1,7 +1,7 @@
 """`python cli.py fit|validate|test|predict`: UniPELT on a GLUE task, your own data or instruction data.
 
 The entry point only: it answers `--help` without loading torch, sends `reproduce`, `select` and
-`report` to reproduce/, chooses the kind of run (lightning_modules.run.choose_kind) and runs it
+`report` to reproduce/, chooses the kind of run (lightning_modules.kinds.choose_kind) and runs it
 through the one CLI of lightning_modules/. `fit` trains, keeps the best checkpoint by the task's main
 dev metric, tests it and writes `<trainer.default_root_dir>/summary.json` and `export/`;
 `validate`, `test` and `predict` take their settings from `--ckpt_path` (a config and flags win).
@@ -27,11 +27,11 @@ def main(args: list[str] | None = None) -> None:
 
         sys.exit(reproduce_main(argv))
     print_kept_help(argv)  # `SUBCOMMAND --help` seen before: printed without importing torch
-    from lightning_modules import run
+    from lightning_modules import kinds, run
 
-    kind = run.CLASSIFICATION
+    kind = kinds.CLASSIFICATION
     try:
-        kind = run.choose_kind(argv)
+        kind = kinds.choose_kind(argv)
         with keep_help(argv):
             run.build_cli(None if args is None else argv, kind=kind)
     except Exception as err:

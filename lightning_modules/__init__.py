@@ -27,6 +27,7 @@ _LAZY = {
     "RunSummary": "lightning_modules.summary",
     "PredictionWriter": "lightning_modules.predictions",
     "PELTCLI": "lightning_modules.run",
+    "choose_kind": "lightning_modules.kinds",
     "build_cli": "lightning_modules.run",
 }
 
@@ -46,6 +47,7 @@ __all__ = [
     "UniPELTLightningModule",
     "UsageError",
     "build_cli",
+    "choose_kind",
     "load_checkpoint_file",
 ]
 

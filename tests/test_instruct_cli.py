@@ -11,7 +11,8 @@ from decoder_fixtures import prompt_rows, tiny_tokenizer, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cli import main
-from lightning_modules.run import CLASSIFICATION, INSTRUCTION, SUMMARY_FILE, choose_kind
+from lightning_modules.kinds import CLASSIFICATION, INSTRUCTION, choose_kind
+from lightning_modules.run import SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
