@@ -17,7 +17,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loops import _FitLoop  # the fit loop's class: only to name its private attributes
 from pytorch_lightning.utilities import CombinedLoader
 
-SUPPORTED_LIGHTNING = ">=2.4,<2.7"  # as in setup.cfg: the names below are in 2.4.0, 2.5.5 and 2.6.6
+SUPPORTED_LIGHTNING = ">=2.4,<2.7"  # as in setup.cfg: the names below are in 2.4.0 (but one), 2.5.5 and 2.6.6
 
 # (owner, name): what the pipeline uses that is not Lightning's public API.
 PRIVATE_API: tuple[tuple[Any, str], ...] = (
@@ -36,17 +36,22 @@ PRIVATE_API: tuple[tuple[Any, str], ...] = (
     (_FitLoop, "_combined_loader_states_to_load"),
     # LightningCLI loads a --ckpt_path file's hyperparameters over the command line in this method
     # (a pickle traceback for a bad file; another run's method or backbone silently taking over). No
-    # public option turns it off: CLIWithCheckpointCheck overrides it.
+    # public option turns it off: CLIWithCheckpointCheck overrides it. New in 2.5: 2.4 reads no settings
+    # from the checkpoint, so there is nothing to override there.
     (LightningCLI, "_parse_ckpt_path"),
 )
+_SINCE = {"_parse_ckpt_path": (2, 5)}  # names a Lightning before that version lacks and does not need
 
 
 def missing_private_api() -> list[str]:
     """Names of `PRIVATE_API` this Lightning lacks (empty when everything here can work)."""
     fit_loop = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, accelerator="cpu", devices=1).fit_loop
+    version = tuple(int(part) for part in pl.__version__.split(".")[:2])
     missing = []
     for owner, name in PRIVATE_API:
+        if version < _SINCE.get(name, (0, 0)):
+            continue
         present = hasattr(fit_loop, name) if owner is _FitLoop else callable(getattr(owner, name, None))
         if not present:
             missing.append(f"{getattr(owner, '__name__', owner)}.{name}")
