@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from decoder_fixtures import prompt_rows, tiny_tokenizer, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -15,6 +16,16 @@ from lightning_modules.kinds import CLASSIFICATION, INSTRUCTION, choose_kind
 from lightning_modules.run import SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class MoveWeightsAtFitEnd(pl.Callback):
+    """After training, move the trainable weights away from every checkpoint's (runs before RunSummary)."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            for param in pl_module.parameters():
+                if param.requires_grad:
+                    param.add_(0.5)
 
 
 def write_tiny_llama(folder: Path) -> Path:
@@ -45,9 +56,21 @@ def test_fit_then_predict_writes_generations(tiny_llama, tmp_path) -> None:
     main(["fit", "--config", str(ROOT / "configs" / "instruct_example.yaml"),
           "--model.model_name_or_path", str(tiny_llama), "--data.train_file", str(train), "--data.k_shot", "24",
           "--data.dev_size", "8", "--data.batch_size", "4", "--trainer.max_epochs", "2", "--data.max_seq_length", "64",
-          "--data.cache_dir", str(tmp_path / "cache"), *common])
+          "--data.cache_dir", str(tmp_path / "cache"), "--trainer.callbacks+", f"{__name__}.MoveWeightsAtFitEnd",
+          *common])
     summary = json.loads((run / SUMMARY_FILE).read_text())
     assert summary["task"] == "instruct" and summary["method"] == "unipelt_apl"
+    # No test set: the summary comes at the end of fit, and export/ holds the best checkpoint's weights
+    # (not the weights in memory then).
+    from lightning_modules import CausalLMModule
+    from unipelt import from_pretrained
+
+    assert summary["test"] == {} and summary["exported_weights"] == str(run / "export")
+    exported = from_pretrained(summary["exported_weights"]).eval()
+    reference = CausalLMModule.load_from_checkpoint(summary["best_checkpoint"]).model.eval()
+    ids = torch.tensor([[1, 5, 9, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
     assert summary["best_val"]["perplexity"] == pytest.approx(torch.tensor(summary["best_val"]["value"]).exp().item())
     assert 0 < summary["trainable_params"] < summary["total_params"]
     best = summary["best_checkpoint"]
