@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -202,8 +203,9 @@ class PELTCLI(CLIWithCheckpointCheck):
         try:
             tokenizer = dm.tokenizer
         except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a bad folder
-            raise ModelConfigError(f"--model.model_name_or_path {str(path)!r}: no usable tokenizer ({one_line(err)})"
-                                   ) from None
+            raise ModelConfigError(
+                f"--model.model_name_or_path {str(path)!r}: no usable tokenizer ({one_line(err)})"
+            ) from None
         # transformers 5 makes an empty tokenizer (special tokens only) for a folder without tokenizer files.
         probe = tokenizer("the of and a to in is", add_special_tokens=False)["input_ids"]
         if tokenizer.unk_token_id is not None and all(i == tokenizer.unk_token_id for i in probe):
@@ -297,8 +299,6 @@ def build_cli(args: list[str] | None, run: bool = True, kind: RunKind | None = N
     """The CLI object (tests and the grid runner reach trainer, model and datamodule through it).
 
     ``args`` None: the process's command line. ``kind`` None: `choose_kind`'s."""
-    import sys
-
     argv = sys.argv[1:] if args is None else list(args)
     kind = kind or choose_kind(argv)
     subcommand = next((a for a in argv if a in HELP_SUBCOMMANDS), None)
