@@ -266,9 +266,10 @@ def _one_or_all(loaders: list[DataLoader]) -> DataLoader | list[DataLoader]:
     return loaders[0] if len(loaders) == 1 else loaders
 
 
-def GLUEDataModule(task: str = "rte", model_name_or_path: str = "bert-base-uncased", **settings: Any) -> TextDataModule:  # noqa: N802 - the name users know
-    """A GLUE task's data module: `TextDataModule(task=...)` with the same settings (data_dir, k_shot, seed,
-    dev_size, ...), whose local files are checked at once (missing files, K + dev_size too many rows)."""
+def GLUEDataModule(task: str = "rte", model_name_or_path: str = "bert-base-uncased", **settings: Any) -> TextDataModule:
+    """A GLUE task's data module (the name README and docs/data.md give users): `TextDataModule(task=...)` with
+    the same settings (data_dir, k_shot, seed, dev_size, ...), its local files checked at once (a missing file,
+    K + dev_size over the rows of train) rather than when a stage loads them."""
     dm = TextDataModule(task=task, model_name_or_path=model_name_or_path, **settings)
     assert isinstance(dm.source, GLUESource)
     dm.source.check_files()
