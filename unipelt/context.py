@@ -2,16 +2,16 @@
 
 A ``ForwardContext`` is built when the base model's forward starts (a forward pre-hook) and
 made current in a ``ContextVar`` until it ends (a forward hook that also runs on errors):
-the token weights of the gates (the attention mask, normalised per example), this batch's
-prefix keys/values (the reparameterisation network runs once per forward), and a cache of
-the gate values computed so far. Nothing of a batch is stored on a module, so nested
+the token weights of the gates (the attention mask, normalised per example), what tuners
+compute once per forward for every layer (``shared``: the prefix network's keys and values),
+and a cache of the gate values computed so far. Nothing of a batch is stored on a module, so nested
 forwards and two models in one process never see each other's batch, and nothing outlives
 the forward except the autograd graph and the detached gate values kept for
 ``gate_values()``.
 
 Activation checkpointing replays a layer during the backward pass, after the context has
 been left. ``bind_checkpointing`` wraps the layers' checkpoint function so the replay runs
-inside a *replay* of its own forward's context (same mask and prefix, fresh gate cache: the
+inside a *replay* of its own forward's context (same mask and shared tensors, fresh gate cache: the
 replay must recompute every tensor the first pass saved).
 
 Under ``torch.compile`` (Dynamo cannot trace ``ContextVar.get``) the context lives on a plain list
@@ -43,20 +43,20 @@ _ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "_weights", "prefix", "_prefix_layers", "_blank", "causal", "gates", "record",
-                 "masks", "previous")
+    __slots__ = ("owner", "_weights", "shared", "make_static", "causal", "gates", "record", "cache", "previous")
 
     def __init__(self, owner: int, token_weights: torch.Tensor | Callable[[], torch.Tensor],
-                 prefix: torch.Tensor | None, causal: bool = False) -> None:
+                 shared: dict[str, torch.Tensor] | None = None, causal: bool = False,
+                 make_static: dict[str, str] | None = None) -> None:
         self.owner = owner  # id() of the base model whose forward this is
         self.causal = causal  # decoders: gates stay per token
         self._weights = token_weights  # or a function computing them: decoders need them only on request
-        self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
-        self._prefix_layers: tuple[torch.Tensor, ...] | None = None
-        self._blank = 0  # zero rows after each layer's prefix in _prefix_layers
+        # what a tuner computes once per forward for every layer (``Target.share``): the prefix network's output
+        self.shared: dict[str, torch.Tensor] = shared or {}
+        self.make_static = make_static or {}  # shared name -> how a user makes it a parameter
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
         self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values() (per token if causal)
-        self.masks: dict[object, Any] = {}  # (tag..., id(mask)) -> (mask, derived); ("unmasked", keys) -> mask
+        self.cache: dict[object, Any] = {}  # tensors derived once per forward (extended masks, per-layer prefixes)
         self.previous: ForwardContext | None = None
 
     @property
@@ -65,18 +65,6 @@ class ForwardContext:
         if callable(self._weights):
             self._weights = self._weights()
         return self._weights
-
-    @property
-    def prefix_length(self) -> int:
-        return self.prefix.shape[-2]
-
-    def layer_prefix(self, layer: int, blank: int = 0) -> torch.Tensor:
-        """Layer ``layer``'s prefix, (2, kv_heads, length + blank, head_dim), ``blank`` zero rows
-        last: one pad and one unbind per forward, not a select per layer."""
-        if self._prefix_layers is None or self._blank != blank:
-            prefix = nn.functional.pad(self.prefix, (0, 0, 0, blank)) if blank else self.prefix
-            self._prefix_layers, self._blank = prefix.unbind(0), blank
-        return self._prefix_layers[layer]
 
     def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens; causal
@@ -92,7 +80,7 @@ class ForwardContext:
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
-        ctx = ForwardContext(self.owner, self._weights, self.prefix, self.causal)
+        ctx = ForwardContext(self.owner, self._weights, self.shared, self.causal, self.make_static)
         ctx.record = self.record
         return ctx
 
@@ -174,10 +162,11 @@ class _InContext:
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         ctx = current()
-        if ctx.prefix is not None and ctx.prefix.grad_fn is not None and _reentrant(self.inner, kwargs):
-            raise PELTError("activation checkpointing with use_reentrant=True runs each layer's "
-                            "backward on its own and cannot reach the prefix MLP that all layers "
-                            "share; use use_reentrant=False (the default) or fold_prefix(model) first")
+        trained = [name for name, value in ctx.shared.items() if value.grad_fn is not None]
+        if trained and _reentrant(self.inner, kwargs):
+            raise PELTError(f"activation checkpointing with use_reentrant=True runs each layer's backward on its own "
+                            f"and cannot reach {trained[0]!r}, which all layers share; use use_reentrant=False "
+                            f"(the default) or make it static first ({ctx.make_static[trained[0]]})")
         return self.inner(partial(_run_in, ctx, function), *args, **kwargs)
 
 

@@ -30,6 +30,11 @@ class GateBank(nn.Module):
         nn.init.normal_(self.proj.weight, std=init_std)
         nn.init.zeros_(self.proj.bias)
 
+    @property
+    def gate_keys(self) -> tuple[str, ...]:
+        """Its gates as ``gate_values()`` names them: ``layer3.prefix``."""
+        return tuple(f"layer{self.layer}.{key}" for key in self.keys)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, hidden) -> (batch, n) gate values ((batch, tokens, n) in causal models).
 
@@ -71,6 +76,11 @@ class GateSlot:
 
     def cached(self) -> torch.Tensor:
         return self.bank.cached()[..., self.index]
+
+    @property
+    def key(self) -> str:
+        """Its name in ``gate_values()`` and in the fixed gates of ``merge``: ``layer3.lora_value``."""
+        return self.bank.gate_keys[self.index]
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """The gate for input ``x``, shaped to scale (batch, tokens, features): (batch, 1, 1), or

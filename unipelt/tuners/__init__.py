@@ -6,7 +6,7 @@ from .adapter import AdapterConfig
 from .base import Target, TunerConfig
 from .bitfit import BitFitConfig
 from .lora import LoRAConfig
-from .prefix import PrefixConfig
+from .prefix import PrefixConfig, fold_prefix
 
 # BitFit first (it unfreezes the backbone's biases before anything is added); LoRA before the
 # prefix (an explicit prefix attention wraps the module whose projections LoRA wraps).
@@ -18,4 +18,4 @@ TUNERS: dict[str, type[TunerConfig]] = {
 }
 
 __all__ = ["TUNERS", "Target", "TunerConfig", "AdapterConfig", "BitFitConfig", "LoRAConfig",
-           "PrefixConfig"]
+           "PrefixConfig", "fold_prefix"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -35,11 +35,12 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from ..backbones import BackboneSpec
 from ..causal import additive_mask, can_merge, extend_mask, gated_output, merged_prefix_attention, prefix_inputs
 from ..context import current
 from ..errors import PELTError
 from ..gates import GateSlot
-from .base import Target, TunerConfig
+from .base import Merge, Target, TunerConfig
 
 IMPL_PREFIX = "unipelt_"
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -115,8 +116,15 @@ class PrefixEncoder(nn.Module):
 
 
 def layer_prefix(module: nn.Module, dtype: torch.dtype, blank: int = 0) -> torch.Tensor:
-    """This forward's prefix of ``module``'s layer, (2, kv_heads, length + blank, head_dim) in ``dtype``."""
-    kv = current().layer_prefix(module.pelt_prefix_layer, blank)
+    """This forward's prefix of ``module``'s layer, (2, kv_heads, length + blank, head_dim) in ``dtype``,
+    ``blank`` zero rows last: one pad and one unbind per forward, not a select per layer."""
+    ctx = current()
+    layers = ctx.cache.get(("prefix layers", blank))
+    if layers is None:
+        prefix = ctx.shared[PREFIX_ATTR]  # (layers, 2, kv_heads, length, head_dim)
+        prefix = nn.functional.pad(prefix, (0, 0, 0, blank)) if blank else prefix
+        layers = ctx.cache[("prefix layers", blank)] = prefix.unbind(0)
+    kv = layers[module.pelt_prefix_layer]
     return kv if kv.dtype == dtype else kv.to(dtype)
 
 
@@ -148,7 +156,7 @@ def _fill_gate(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _once_per_forward(mask: torch.Tensor, tag: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()``, derived from ``mask``, computed once per forward: every layer gets the same object."""
-    masks = current().masks
+    masks = current().cache
     key = (*tag, id(mask))
     hit = masks.get(key)
     if hit is None or hit[0] is not mask:
@@ -179,7 +187,7 @@ def _alignment(base_impl: str, key: torch.Tensor, length: int, dropout: float) -
 
 def _unmasked(query: torch.Tensor, keys: int) -> torch.Tensor:
     """An all-attendable boolean mask (1, 1, 1, keys), one per forward and key count."""
-    masks = current().masks
+    masks = current().cache
     hit = masks.get(("unmasked", keys))
     if hit is None:
         hit = masks[("unmasked", keys)] = torch.ones(1, 1, 1, keys, dtype=torch.bool, device=query.device)
@@ -194,7 +202,7 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                                         base_impl=base_impl, **kwargs)
     if getattr(module, "pelt_prefix_layer", None) is not None:
         slot = module.pelt_prefix_gate
-        blank = _alignment(base_impl, key, current().prefix_length, kwargs.get("dropout", 0.0))
+        blank = _alignment(base_impl, key, current().shared[PREFIX_ATTR].shape[-2], kwargs.get("dropout", 0.0))
         if blank and attention_mask is None:
             attention_mask = _unmasked(query, key.shape[2])
         pk, pv = gated_prefix(module, query.shape[0], key.dtype,
@@ -270,6 +278,7 @@ def _own_config(model: nn.Module) -> None:
 class PrefixConfig(TunerConfig):
     name: ClassVar[str] = "prefix"
     changes_attention: ClassVar[bool] = True
+    merge: ClassVar[Merge] = Merge.KEEP  # not linear in any weight: stays, its gates held fixed
     length: int = 10
     mid_dim: int = 512
 
@@ -291,10 +300,49 @@ class PrefixConfig(TunerConfig):
             model.base_model.register_forward_pre_hook(_check_implementation, with_kwargs=True)
         encoder = PrefixEncoder(d.layers, d.hidden, d.kv_heads, d.head_dim, self.length,
                                 self.mid_dim, target.init_std)
-        model.base_model.add_module(PREFIX_ATTR, target.new(encoder))
+        target.share(PREFIX_ATTR, encoder, make_static="unipelt.fold_prefix(model)")
         for i, layer in enumerate(target.layers):
             attention = layer.get_submodule(spec.attention)
             attention.pelt_prefix_layer = i
             attention.pelt_prefix_gate = target.gate(self.gate, i, "attention", "prefix")
             if self.gate and spec.explicit_attention is None:
                 attention.register_forward_pre_hook(_fill_gate, with_kwargs=True)
+
+    def saved_form(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, torch.Tensor]]:
+        """An unfolded prefix is saved (and counted, as the paper counts it) as its output, the static prefix."""
+        encoder = prefix_encoder(model)
+        if encoder.folded:
+            return [], {}
+        return list(encoder.parameters()), {_static_name(model): encoder.folded_value()}
+
+    def load_saved_form(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+        encoder = prefix_encoder(model)
+        if _static_name(model) in weights and not encoder.folded:
+            encoder.fold()  # a folded checkpoint: the network is gone for good
+        elif encoder.folded and _static_name(model) not in weights:
+            raise PELTError("checkpoint has an unfolded prefix but the model's prefix is folded; "
+                            "load it into a fresh apply_pelt model")
+
+    def v1_gate_path(self, spec: BackboneSpec, key: str) -> str | None:
+        return f"{spec.attention}.prefix_gate" if key == "prefix" else None
+
+
+def prefix_encoder(model: nn.Module) -> PrefixEncoder | None:
+    return getattr(model.base_model, PREFIX_ATTR, None)
+
+
+def _static_name(model: nn.Module) -> str:
+    return f"{model.base_model_prefix}.{PREFIX_ATTR}.static"
+
+
+def fold_prefix(model: nn.Module) -> nn.Module:
+    """Replace the prefix reparameterisation MLP by static per-layer prefixes, for good.
+
+    Not needed for inference speed: without gradients the MLP output is cached automatically.
+    Use it to keep training the static prefix or to drop the MLP from memory.
+    """
+    encoder = prefix_encoder(model)
+    if encoder is None:
+        raise PELTError("fold_prefix: this model has no prefix (apply_pelt with a prefix preset)")
+    encoder.fold()
+    return model
