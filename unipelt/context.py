@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import checkpoint_function, set_checkpoint_function
 from .errors import PELTError
 
 _ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context", default=None)
@@ -154,6 +155,12 @@ def token_weights(mask: torch.Tensor | None, shape: tuple[int, int], device: tor
     return weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
 
 
+def positions_from_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Position ids that count real tokens only (left padding does not shift them), for the last ``tokens``."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -tokens:]
+
+
 class _InContext:
     """A layer's checkpoint function that replays the layer inside its forward's context."""
 
@@ -187,12 +194,12 @@ def _run_in(ctx: ForwardContext, function: Callable[..., Any], *args: Any, **kwa
 def bind_checkpointing(layers: nn.ModuleList) -> None:
     """Make activation checkpointing (``gradient_checkpointing_enable()``) replay in context.
 
-    transformers' ``GradientCheckpointingLayer`` calls ``self._gradient_checkpointing_func``;
+    transformers' ``GradientCheckpointingLayer`` calls its checkpoint function (unipelt/compat.py);
     enabling checkpointing (at any time, before or after ``apply_pelt``) sets it, so this
     runs at the start of each training forward: a few attribute reads when nothing changed.
     """
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False):
-            func = layer.__dict__.get("_gradient_checkpointing_func")
+            func = checkpoint_function(layer)
             if func is not None and not isinstance(func, _InContext):
-                layer._gradient_checkpointing_func = _InContext(func)
+                set_checkpoint_function(layer, _InContext(func))

@@ -10,12 +10,11 @@ from torch import nn
 
 from . import context
 from .backbones import spec_for
-from .causal import positions_from_mask
 from .config import PELTConfig
 from .errors import PELTError
 from .gates import GateRequests
 from .heads import attach_head
-from .tuners import Target
+from .tuners import EXPLICIT_ATTENTION, Target
 
 LAST_GATES = "_pelt_last_gates"  # base model attribute: the last forward's gates, detached
 MERGED_ATTR = "pelt_merged"  # set by a merge that keeps unipelt modules: for inference, not to save or merge again
@@ -60,10 +59,11 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
         sub.inject(target)
     target.gates.build(layers, ref.device, ref.dtype)
     if spec.explicit_attention is not None and any(s.changes_attention for s in config.submodules.values()):
+        explicit = EXPLICIT_ATTENTION[spec.explicit_attention]
         parent_path, _, child = spec.attention.rpartition(".")
         for layer in layers:
             parent = layer.get_submodule(parent_path) if parent_path else layer
-            setattr(parent, child, spec.explicit_attention(getattr(parent, child)))
+            setattr(parent, child, explicit(getattr(parent, child)))
     attach_head(model, spec, config.head, config.init_std)  # after the tuners: it may freeze BitFit's pooler bias
 
     # Anything that reads the context; and decoders, whose positions come from the mask (below).
@@ -115,7 +115,7 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     context.enter(context.ForwardContext(id(base), weights, shared, causal, base._pelt_shared))
     if causal and mask is not None and mask.dim() == 2 and _argument(base, args, kwargs, "position_ids") is None:
         # Positions count real tokens, so left padding shifts none (generate() passes its own).
-        kwargs["position_ids"] = positions_from_mask(mask, reference.shape[1])
+        kwargs["position_ids"] = context.positions_from_mask(mask, reference.shape[1])
         return args, kwargs
     return None
 
