@@ -15,9 +15,10 @@ inside a *replay* of its own forward's context (same mask and shared tensors, fr
 replay must recompute every tensor the first pass saved).
 
 Under ``torch.compile`` (Dynamo cannot trace ``ContextVar.get``) the context lives on a plain list
-while tracing: Dynamo keeps that list's mutations symbolic, so the compiled model reads the context
-it entered and a whole encoder compiles to one graph (with the ContextVar, 27); eager forwards keep
-the ContextVar (thread and task safety).
+while tracing (``Stack``): Dynamo keeps that list's mutations symbolic, so the compiled model reads
+the context it entered and a whole encoder compiles to one graph (with the ContextVar, 27); eager
+forwards keep the ContextVar (thread and task safety). The pooling heads keep their per-forward
+frame on a ``Stack`` too (unipelt/heads.py).
 
 Gate reduction (``reduce``) is the one place that knows how per-token gate values become a
 scale: the mean over real tokens, one value per example (encoders), or with ``causal`` one
@@ -38,13 +39,42 @@ from torch import nn
 from .compat import checkpoint_function, set_checkpoint_function
 from .errors import PELTError
 
-_ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context", default=None)
+
+class Stack:
+    """What the forwards now running keep for themselves, innermost last (one stack per kind of state).
+
+    In eager a ``ContextVar`` holds it (thread- and task-safe); while Dynamo traces, a plain list
+    (Dynamo cannot trace ``ContextVar.get``/``set`` and breaks the graph there; it keeps a list's
+    mutations symbolic, so the compiled model reads what it pushed)."""
+
+    def __init__(self, name: str) -> None:
+        self._var: ContextVar[tuple[Any, ...]] = ContextVar(name, default=())
+        self.traced: list[Any] = []
+
+    def top(self) -> Any:
+        if torch.compiler.is_compiling():
+            return self.traced[-1] if self.traced else None
+        entries = self._var.get()
+        return entries[-1] if entries else None
+
+    def push(self, entry: Any) -> None:
+        if torch.compiler.is_compiling():
+            self.traced.append(entry)
+        else:
+            self._var.set((*self._var.get(), entry))
+
+    def pop(self) -> Any:
+        if torch.compiler.is_compiling():
+            return self.traced.pop()
+        entries = self._var.get()
+        self._var.set(entries[:-1])
+        return entries[-1]
 
 
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "_weights", "shared", "make_static", "causal", "gates", "record", "cache", "previous")
+    __slots__ = ("owner", "_weights", "shared", "make_static", "causal", "gates", "record", "cache")
 
     def __init__(self, owner: int, token_weights: torch.Tensor | Callable[[], torch.Tensor],
                  shared: dict[str, torch.Tensor] | None = None, causal: bool = False,
@@ -58,7 +88,6 @@ class ForwardContext:
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
         self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values() (per token if causal)
         self.cache: dict[object, Any] = {}  # tensors derived once per forward (extended masks, per-layer prefixes)
-        self.previous: ForwardContext | None = None
 
     @property
     def token_weights(self) -> torch.Tensor:
@@ -99,17 +128,11 @@ def _token_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weights.unsqueeze(1), per_token).squeeze(1)
 
 
-_TRACED: list[ForwardContext] = []  # contexts entered while torch.compile traces (see the module docstring)
-
-
-def _active() -> ForwardContext | None:
-    if torch.compiler.is_compiling():
-        return _TRACED[-1] if _TRACED else None
-    return _ACTIVE.get()
+FORWARDS = Stack("unipelt_forward_context")  # the ForwardContexts of the base models now running
 
 
 def current() -> ForwardContext:
-    ctx = _active()
+    ctx = FORWARDS.top()
     if ctx is None:
         raise PELTError("a unipelt module was called outside its model's forward "
                         "(call the model, not one of its layers)")
@@ -117,24 +140,16 @@ def current() -> ForwardContext:
 
 
 def enter(ctx: ForwardContext) -> None:
-    if torch.compiler.is_compiling():
-        _TRACED.append(ctx)
-        return
-    ctx.previous = _ACTIVE.get()
-    _ACTIVE.set(ctx)
+    FORWARDS.push(ctx)
 
 
 def leave(owner: int | None = None) -> ForwardContext | None:
     """Leave the current context (``owner``'s only: a forward that failed before entering its
     own context leaves nothing)."""
-    ctx = _active()
+    ctx = FORWARDS.top()
     if ctx is None or (owner is not None and ctx.owner != owner):
         return None
-    if torch.compiler.is_compiling():
-        return _TRACED.pop()
-    _ACTIVE.set(ctx.previous)
-    ctx.previous = None
-    return ctx
+    return FORWARDS.pop()
 
 
 def check_mask(mask: torch.Tensor | None) -> None:
