@@ -74,14 +74,14 @@ class Stack:
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "_weights", "shared", "make_static", "causal", "gates", "record", "cache")
+    __slots__ = ("owner", "weights", "shared", "make_static", "causal", "gates", "record", "cache")
 
     def __init__(self, owner: int, token_weights: torch.Tensor | Callable[[], torch.Tensor],
                  shared: dict[str, torch.Tensor] | None = None, causal: bool = False,
                  make_static: dict[str, str] | None = None) -> None:
         self.owner = owner  # id() of the base model whose forward this is
         self.causal = causal  # decoders: gates stay per token
-        self._weights = token_weights  # or a function computing them: decoders need them only on request
+        self.weights = token_weights  # or a function computing them: decoders need them only on request
         # what a tuner computes once per forward for every layer (``Target.share``): the prefix network's output
         self.shared: dict[str, torch.Tensor] = shared or {}
         self.make_static = make_static or {}  # shared name -> how a user makes it a parameter
@@ -92,9 +92,9 @@ class ForwardContext:
     @property
     def token_weights(self) -> torch.Tensor:
         """(batch, tokens), rows sum to 1 over real tokens."""
-        if callable(self._weights):
-            self._weights = self._weights()
-        return self._weights
+        if callable(self.weights):
+            self.weights = self.weights()
+        return self.weights
 
     def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens; causal
@@ -110,7 +110,7 @@ class ForwardContext:
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
-        ctx = ForwardContext(self.owner, self._weights, self.shared, self.causal, self.make_static)
+        ctx = ForwardContext(self.owner, self.weights, self.shared, self.causal, self.make_static)
         ctx.record = self.record
         return ctx
 

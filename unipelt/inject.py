@@ -124,7 +124,7 @@ def _leave_context(base: nn.Module, args: tuple, output: object) -> None:
     ctx = context.leave(id(base))
     if ctx is not None:
         # the token weights, or (decoders) the function computing them when gate_values() asks
-        setattr(base, LAST_GATES, (ctx.record, ctx._weights))
+        setattr(base, LAST_GATES, (ctx.record, ctx.weights))
 
 
 def config_of(model: nn.Module) -> PELTConfig:
