@@ -34,6 +34,7 @@ from .atomic import atomic_write, write_json, write_safetensors
 from .backbones import spec_for
 from .compat import is_causal_lm, no_init_weights
 from .config import PELTError
+from .errors import one_line
 from .gates import GateBank
 from .heads import HEAD_ATTR
 from .inject import MERGED_ATTR, config_of, gate_values
@@ -135,7 +136,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
     try:
         adapter = sub.peft(model, fixed)
     except PELTError as err:
-        raise PELTError(f"to_peft: {err}; use unipelt.save_pretrained, or merge for a plain model") from None
+        raise PELTError(f"to_peft: {one_line(err)}; use unipelt.save_pretrained, or merge for a plain model") from None
     prefix = "base_model.model."
     tensors = {prefix + name: t for name, t in adapter.tensors.items()}
     head = _head_names(model)

@@ -16,15 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .atomic import atomic_write, umask, write_json, write_safetensors
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .compat import is_causal_lm, no_init_weights
 from .config import PRESETS, PELTConfig, PELTError
@@ -130,20 +132,18 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_nam
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state["weights"].items()}
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "unipelt_method": record["method"]})
-        (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        (tmp / CARD_NAME).write_text(model_card(record))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: the folder follows the umask, as its files do
+        write_safetensors(tmp / WEIGHTS_NAME, state["weights"], {"format": "pt", "unipelt_method": record["method"]})
+        write_json(tmp / CONFIG_NAME, record)
+        with atomic_write(tmp / CARD_NAME) as f:
+            f.write(model_card(record))
         if path.exists():  # replace only our own files; anything else in the folder stays
             for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
                 os.replace(tmp / name, path / name)
         else:
             os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -171,7 +171,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     try:
         weights = load_file(folder / WEIGHTS_NAME)
     except (SafetensorError, OSError) as err:
-        raise PELTError(f"{str(folder / WEIGHTS_NAME)!r}: not a readable safetensors file ({err})") from None
+        raise PELTError(f"{str(folder / WEIGHTS_NAME)!r}: not a readable safetensors file ({one_line(err)})") from None
     with no_init_weights():  # every new tensor is overwritten by the saved one (checked: none missing)
         apply_pelt(model, config)
     load_pelt_state_dict(model, {"config": config.to_dict(), "backbone": {}, "weights": weights})
@@ -186,7 +186,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     try:
         record = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise PELTError(f"{str(file)!r}: not valid JSON ({err})") from None
+        raise PELTError(f"{str(file)!r}: not valid JSON ({one_line(err)})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise PELTError(f"{str(file)!r}: not a unipelt config (no \"format\": \"{FORMAT}\")")
     if record.get("format_version", 0) > FORMAT_VERSION:
