@@ -35,7 +35,7 @@ from .backbones import spec_for
 from .compat import is_causal_lm, no_init_weights
 from .config import PELTError
 from .errors import one_line
-from .gates import GateBank
+from .gates import GateBank, gate_keys
 from .heads import HEAD_ATTR
 from .inject import MERGED_ATTR, config_of, gate_values
 from .tuners.base import WRAPPED, Merge, backbone_path, is_ours
@@ -79,7 +79,7 @@ def merge(model: nn.Module, gates: Mapping[str, float] | None = None) -> nn.Modu
         raise PELTError(f"{_names(cannot)} cannot be merged into the backbone "
                         f"({'it declares' if len(cannot) == 1 else 'they declare'} no merge)")
     kept = [name for name, sub in subs.items() if sub.merge is Merge.KEEP]
-    model_gates = _gate_keys(model)
+    model_gates = gate_keys(model)
     if gates is None:
         if kept:
             raise PELTError(
@@ -98,7 +98,7 @@ def merge(model: nn.Module, gates: Mapping[str, float] | None = None) -> nn.Modu
             for layer in range(layers):
                 sub.fold(merged, layer, fixed)
     for bank in (m for m in merged.modules() if isinstance(m, GateBank)):
-        _fix_bank(bank, fixed)
+        bank.hold(fixed)
     if kept or hasattr(merged, HEAD_ATTR):  # unipelt modules stay (a mean/cls_mlp head is one: heads.py)
         setattr(merged, MERGED_ATTR, True)
         return merged
@@ -127,7 +127,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
         raise PELTError(f"to_peft: a PEFT adapter folder holds one method; this model has {', '.join(subs)} "
                         "(use unipelt.save_pretrained, or merge for a plain model)")
     (sub,) = subs.values()
-    model_gates = _gate_keys(model)
+    model_gates = gate_keys(model)
     if model_gates and gates is None:
         raise PELTError(
             f"to_peft: PEFT has no gates and this model is gated ({_kinds(model_gates)}); pass "
@@ -175,10 +175,6 @@ def _names(names: list[str]) -> str:
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
-def _gate_keys(model: nn.Module) -> list[str]:
-    return [key for m in model.modules() if isinstance(m, GateBank) for key in m.gate_keys]
-
-
 def _kinds(keys: Iterable[str]) -> str:
     return ", ".join(sorted({key.split(".", 1)[-1].split("_")[0] for key in keys})) + " gates"
 
@@ -196,14 +192,6 @@ def _check_gates(model_gates: Iterable[str], gates: Mapping[str, float]) -> dict
         key = next(iter(bad))
         raise PELTError(f"gate {key} = {bad[key]!r}: a gate is a number in [0, 1]")
     return {k: float(v) for k, v in gates.items()}
-
-
-def _fix_bank(bank: GateBank, fixed: Mapping[str, float]) -> None:
-    """Every gate of the bank at its fixed value: zero weights, bias logit(value)."""
-    values = torch.tensor([fixed[k] for k in bank.gate_keys], dtype=torch.float64)
-    with torch.no_grad():
-        bank.proj.weight.zero_()
-        bank.proj.bias.copy_(torch.logit(values).to(bank.proj.bias.dtype))
 
 
 def _head_names(model: nn.Module) -> list[str]:

@@ -13,6 +13,8 @@ input to 128).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -58,6 +60,19 @@ class GateBank(nn.Module):
     def cached(self) -> torch.Tensor:
         """This forward's values; the bank must have been called on its input already."""
         return current().gates[self]
+
+    def hold(self, fixed: Mapping[str, float]) -> None:
+        """Every gate of the bank at its value in ``fixed`` (keyed by ``gate_keys``) for every input:
+        zero weights, bias ``logit(value)`` (how ``merge`` fixes gates at calibrated values)."""
+        values = torch.tensor([fixed[k] for k in self.gate_keys], dtype=torch.float64)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.copy_(torch.logit(values).to(self.proj.bias.dtype))
+
+
+def gate_keys(model: nn.Module) -> list[str]:
+    """Every gate of ``model``, named as ``gate_values()`` names them."""
+    return [key for m in model.modules() if isinstance(m, GateBank) for key in m.gate_keys]
 
 
 class GateSlot:

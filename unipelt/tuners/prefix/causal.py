@@ -65,18 +65,10 @@ def without_empty_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return (key, value) if key.shape[2] == queries else (key[:, :, :queries], value[:, :, :queries])
 
 
-def prefix_inputs(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    prefix_key: torch.Tensor,
-    prefix_value: torch.Tensor,
-    gate: torch.Tensor | None,
-    causal: bool,
-    additive: bool,
-    extend: Callable[[torch.Tensor, int], torch.Tensor] = extend_mask,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def prefix_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                  prefix_key: torch.Tensor, prefix_value: torch.Tensor, gate: torch.Tensor | None, causal: bool,
+                  additive: bool, extend: Callable[[torch.Tensor, int], torch.Tensor] = extend_mask,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(query, key, value, mask) for an attention call that sees the prefix before every sequence.
 
     ``prefix_key``/``prefix_value``: (batch, kv heads, length, head dim), already scaled by a
@@ -197,16 +189,9 @@ class _FlashWithLogsumexp(torch.autograd.Function):
         return *grads, None, None, None
 
 
-def merged_prefix_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    prefix_key: torch.Tensor,
-    prefix_value: torch.Tensor,
-    gate: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+def merged_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                            prefix_key: torch.Tensor, prefix_value: torch.Tensor, gate: torch.Tensor | None,
+                            scale: float) -> torch.Tensor:
     """Attention over ``[g p; tokens]`` per query as two softmaxes merged by their log-sum-exps:
     ``out = w o_tokens + (1 - w) g softmax(g q P_k^T) P_v``, ``w = sigmoid(lse_tokens - lse_prefix)``.
 
