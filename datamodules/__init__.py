@@ -9,8 +9,8 @@ from datamodules.hub import HubUnreachableError
 from datamodules.tasks import GLUE_TASKS, TaskInfo, custom_task, get_task, task_from
 
 if TYPE_CHECKING:
-    from datamodules.glue import GLUEDataModule
-    from datamodules.text import TextDataModule
+    from datamodules.files import task_name_of
+    from datamodules.text import GLUEDataModule, TextDataModule
 
 __all__ = [
     "DataConfigError",
@@ -22,17 +22,18 @@ __all__ = [
     "custom_task",
     "get_task",
     "task_from",
+    "task_name_of",
 ]
 
 
 def __getattr__(name: str) -> Any:
     """The data modules pull in Lightning and transformers: import them on first use (keeps tasks light)."""
-    if name == "GLUEDataModule":
-        from datamodules.glue import GLUEDataModule
+    if name in ("GLUEDataModule", "TextDataModule"):
+        from datamodules import text
 
-        return GLUEDataModule
-    if name == "TextDataModule":
-        from datamodules.text import TextDataModule
+        return getattr(text, name)
+    if name == "task_name_of":
+        from datamodules.files import task_name_of
 
-        return TextDataModule
+        return task_name_of
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,6 +23,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("UNIPELT_CACHE", Path.home() / ".cache" / "unipelt")) / "glue"
 
 
+def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
+    """What tells a file's contents apart for the cache without reading it: resolved path, size, mtime."""
+    file = Path(path).expanduser().resolve()
+    stat = file.stat()
+    return str(file), stat.st_size, stat.st_mtime_ns
+
+
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
     return {
         "name_or_path": str(tokenizer.name_or_path),

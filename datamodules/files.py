@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from datamodules.errors import DataConfigError
+from datamodules.errors import DataConfigError, first_line
 from datamodules.hub import DATA_HINT, prepare_for, unreachable
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -54,6 +54,14 @@ def is_hub_name(value: str) -> bool:
     return file_format(value) is None and not Path(value).expanduser().exists()
 
 
+def task_name_of(train_file: str) -> str:
+    """A readable name for the run folder: the training file's stem (`reviews.csv` -> reviews), or the hub name."""
+    if file_format(train_file) is None:
+        return train_file.replace("/", "_").replace(":", "_")
+    stem = Path(train_file).stem
+    return stem if stem not in ("train", "data") else Path(train_file).resolve().parent.name or stem
+
+
 def read_table(path: str, option: str) -> Table:
     """One file by its extension; errors name the option, the file and what is wrong with it."""
     fmt = file_format(path)
@@ -71,7 +79,7 @@ def read_table(path: str, option: str) -> Table:
         try:
             table = pq.read_table(file)
         except (pa.ArrowException, OSError) as err:
-            raise DataConfigError(f"{option}={path!r}: not a readable parquet file ({_first_line(err)})") from None
+            raise DataConfigError(f"{option}={path!r}: not a readable parquet file ({first_line(err)})") from None
         columns = table.to_pydict()
         lines = None
     elif fmt == "jsonl":
@@ -164,7 +172,7 @@ def read_hub(name: str, split: str, option: str) -> Table | None:
             raise hub from None
         if "split" in str(err).lower() and split != "train":
             return None
-        raise DataConfigError(f"{option}={name!r}: could not load the hub dataset ({_first_line(err)})") from None
+        raise DataConfigError(f"{option}={name!r}: could not load the hub dataset ({first_line(err)})") from None
     table = Table(f"{name}[{split}]", ds.to_dict())
     for feature in ds.features.values():
         if isinstance(feature, datasets.ClassLabel):  # the hub's labels are ids into these names
@@ -283,8 +291,3 @@ def to_dataset(table: Table, text_fields: Sequence[str], labels: list[Any] | Non
         data["label"] = pa.array(labels, pa.float32() if is_float else pa.int64())
     data["idx"] = pa.array(range(len(table)), pa.int32())
     return Dataset(pa.table(data))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__

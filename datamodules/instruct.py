@@ -33,13 +33,18 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
-from datamodules.cache import cache_key, default_cache_dir, load_or_build, tokenizer_identity
-from datamodules.errors import DataConfigError
+from datamodules.cache import cache_key, default_cache_dir, file_identity, load_or_build, tokenizer_identity
+from datamodules.errors import DataConfigError, check_integers, first_line
 from datamodules.files import file_format, read_jsonl_rows, read_table
-from datamodules.glue import _eval_sampler
 from datamodules.resumable import ResumableDataLoader
-from datamodules.samplers import EpochSeededRandomSampler, OrderedEvalSampler, longest_first
-from datamodules.splits import check_split_size, few_shot_split
+from datamodules.samplers import (
+    EpochSeededRandomSampler,
+    OrderedEvalSampler,
+    data_loader,
+    eval_sampler,
+    longest_first,
+)
+from datamodules.splits import few_shot_split, train_size
 
 IGNORE_INDEX = -100  # what Hugging Face's cross-entropy skips
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")  # what files.read_table reads, and JSON arrays
@@ -267,39 +272,23 @@ class InstructionDataModule(pl.LightningDataModule):
         self,
         model_name_or_path: str = "Qwen/Qwen2.5-0.5B",
         gguf_file: str | None = None,
-        train_file: str | None = None,
-        validation_file: str | None = None,
-        test_file: str | None = None,
+        train_file: str | None = None, validation_file: str | None = None, test_file: str | None = None,
         predict_file: str | None = None,
-        dataset: str | None = None,
-        dataset_config: str | None = None,
-        train_split: str = "train",
-        validation_split: str | None = None,
-        test_split: str | None = None,
-        prompt_field: str = "prompt",
-        response_field: str = "response",
-        messages_field: str = "messages",
+        dataset: str | None = None, dataset_config: str | None = None,
+        train_split: str = "train", validation_split: str | None = None, test_split: str | None = None,
+        prompt_field: str = "prompt", response_field: str = "response", messages_field: str = "messages",
         use_chat_template: bool = False,
-        k_shot: int | None = None,
-        seed: int = 0,
-        dev_size: int = 100,
+        k_shot: int | None = None, seed: int = 0, dev_size: int = 100,
         max_seq_length: int = 512,
-        batch_size: int = 8,
-        eval_batch_size: int = 16,
-        bucket_batches: int = 64,
+        batch_size: int = 8, eval_batch_size: int = 16, bucket_batches: int = 64,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for name, value, low in (
-            ("k_shot", k_shot, 1), ("seed", seed, 0), ("dev_size", dev_size, 1),
-            ("max_seq_length", max_seq_length, 8), ("batch_size", batch_size, 1),
-            ("eval_batch_size", eval_batch_size, 1), ("bucket_batches", bucket_batches, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise DataConfigError(f"{name}={value!r}: must be an integer >= {low}")
+        check_integers(k_shot=(k_shot, 1), seed=(seed, 0), dev_size=(dev_size, 1), max_seq_length=(max_seq_length, 8),
+                       batch_size=(batch_size, 1), eval_batch_size=(eval_batch_size, 1),
+                       bucket_batches=(bucket_batches, 1), num_workers=(num_workers, 0))  # fmt: skip
         if dataset is not None and any((train_file, validation_file, test_file)):
             raise DataConfigError(f"dataset={dataset!r}: give either a hub dataset or train/validation/test files")
         if k_shot is not None and (validation_file or validation_split):
@@ -355,8 +344,7 @@ class InstructionDataModule(pl.LightningDataModule):
         try:
             ds = datasets.load_dataset(h.dataset, h.dataset_config, split=name)
         except Exception as err:  # offline, a typo, a split that does not exist: say so in one line
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise DataConfigError(f"dataset={h.dataset!r}: could not load {where} ({reason})") from None
+            raise DataConfigError(f"dataset={h.dataset!r}: could not load {where} ({first_line(err)})") from None
         return ds.to_list(), where
 
     def _source(self, split: str) -> dict[str, Any]:
@@ -364,8 +352,7 @@ class InstructionDataModule(pl.LightningDataModule):
         h = self.hparams
         path = getattr(h, f"{split}_file")
         if path is not None:
-            stat = Path(path).expanduser().resolve().stat()
-            return {"file": str(Path(path).expanduser().resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns}
+            return dict(zip(("file", "size", "mtime"), file_identity(path), strict=True))
         return {"hub": h.dataset, "config": h.dataset_config, "split": getattr(h, f"{split}_split", None)}
 
     def _splits(self) -> dict[str, tuple[Dataset, str, str]]:
@@ -383,8 +370,7 @@ class InstructionDataModule(pl.LightningDataModule):
             out["train"] = (train, where, "train")
             out["validation"] = (Dataset.from_dict({"row": list(range(len(held_out[0])))}), held_out[1], "validation")
         else:
-            k = h.k_shot if h.k_shot is not None else len(rows) - h.dev_size
-            check_split_size(max(k, 1), h.dev_size, len(rows), where)
+            k = train_size(h.k_shot, h.dev_size, len(rows), where)
             part_train, part_dev = few_shot_split(train, k, h.seed, h.dev_size, where)
             out["train"], out["validation"] = (part_train, where, "train"), (part_dev, where, "train")
         self._rows = {"train": rows, "validation": held_out[0] if held_out else rows}
@@ -456,8 +442,8 @@ class InstructionDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------- loaders
     def _loader(self, data: Dataset, batch_size: int, sampler: Sampler, left: bool = False,
                 loader: type[DataLoader] = DataLoader) -> DataLoader:
-        return loader(data, batch_size=batch_size, sampler=sampler, collate_fn=CausalCollate(self.pad_id, left),
-                      num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+        return data_loader(data, batch_size, sampler, CausalCollate(self.pad_id, left), self.hparams.num_workers,
+                           loader)  # fmt: skip
 
     def _split(self, name: str) -> Dataset:
         if name not in self.datasets:
@@ -474,12 +460,14 @@ class InstructionDataModule(pl.LightningDataModule):
         return self._loader(data, h.batch_size, sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
-        data = self._split("validation")
-        return self._loader(data, self.hparams.eval_batch_size, _eval_sampler(data))
+        return self._eval_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        data = self._split("test")
-        return self._loader(data, self.hparams.eval_batch_size, _eval_sampler(data))
+        return self._eval_loader("test")
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        data = self._split(name)
+        return self._loader(data, self.hparams.eval_batch_size, eval_sampler(data, self.lengths(name)))
 
     def predict_dataloader(self) -> DataLoader:
         data = self._split("predict")

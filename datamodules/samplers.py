@@ -1,12 +1,14 @@
-"""Samplers that make the order of training and the coverage of evaluation exactly reproducible."""
+"""Samplers that make the order of training and the coverage of evaluation exactly reproducible, and the
+loaders every data module builds from them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 
 class EpochSeededRandomSampler(RandomSampler):
@@ -77,3 +79,20 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def eval_sampler(data: Sized, lengths: Sequence[int]) -> Sampler[int]:
+    """Longest rows first (less padding per batch); under DDP sharded without Lightning's padding, so
+    each example is scored exactly once."""
+    order = longest_first(lengths)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return UnpaddedDistributedSampler(data, order=order)
+    return OrderedEvalSampler(data, order)
+
+
+def data_loader(data: Any, batch_size: int, sampler: Sampler, collate: Callable, num_workers: int,
+                loader: type[DataLoader] = DataLoader) -> DataLoader:
+    """A loader over `data` in the sampler's order; workers, when any, are kept between epochs."""
+    return loader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                  persistent_workers=num_workers > 0)

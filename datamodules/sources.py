@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import ClassLabel, Dataset, DatasetInfo, Features, Value
 
-from datamodules.errors import DataConfigError
+from datamodules.cache import file_identity
+from datamodules.errors import DataConfigError, first_line
 from datamodules.tasks import GLUE_TASKS, TaskInfo
 
 HUB_DATASET = "nyu-mll/glue"
@@ -102,15 +103,17 @@ def _parquet_files(folder: Path, split: str) -> list[Path]:
 
 def split_files(task: TaskInfo, split: str, data_dir: str | Path) -> list[Path]:
     """The file(s) holding one split: the TSV if present, else parquet; a missing one is named."""
-    folder = task_folder(task, data_dir)
-    tsv = folder / TSV_LAYOUTS[task.name].files[split]
+    return _tsv_or_parquet(task_folder(task, data_dir), TSV_LAYOUTS[task.name].files[split], split, data_dir,
+                           f"task {task.name}, split {split}")  # fmt: skip
+
+
+def _tsv_or_parquet(folder: Path, tsv_name: str, split: str, data_dir: str | Path, what: str) -> list[Path]:
+    tsv = folder / tsv_name
     if tsv.is_file():
         return [tsv]
     if parquet := _parquet_files(folder, split):
         return parquet
-    raise DataConfigError(
-        f"data_dir={str(data_dir)!r} lacks {tsv} (task {task.name}, split {split}; no {split}-*.parquet either)"
-    )
+    raise DataConfigError(f"data_dir={str(data_dir)!r} lacks {tsv} ({what}; no {split}-*.parquet either)")
 
 
 def count_rows(task: TaskInfo, split: str, data_dir: str | Path) -> int:
@@ -131,8 +134,7 @@ def source_fingerprint(task: TaskInfo, split: str, data_dir: str | Path | None) 
     """Identifies the raw data for the on-disk cache: file path, size and mtime, or the hub name."""
     if data_dir is None:
         return f"hub:{HUB_DATASET}/{task.name}/{split}"
-    stats = ((f.resolve(), f.stat()) for f in split_files(task, split, data_dir))
-    return ";".join(f"{p}:{s.st_size}:{s.st_mtime_ns}" for p, s in stats)
+    return ";".join(":".join(map(str, file_identity(f))) for f in split_files(task, split, data_dir))
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -155,9 +157,8 @@ def _from_hub(task: TaskInfo, split: str) -> Dataset:
     try:
         ds = datasets.load_dataset(HUB_DATASET, task.name, split=split)
     except Exception as err:  # offline, hub changes, ...: say what to do instead
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise DataConfigError(
-            f"data_dir=None: could not load {HUB_DATASET}/{task.name} ({split}) from the hub ({reason}); "
+            f"data_dir=None: could not load {HUB_DATASET}/{task.name} ({split}) from the hub ({first_line(err)}); "
             "pass data_dir=<GLUE folder> to read local files"
         ) from err
     return _canonical(task, ds, where=f"{HUB_DATASET}/{task.name}/{split}")
@@ -287,16 +288,9 @@ def unlabeled_test_files(task: TaskInfo, split: str, data_dir: str | Path) -> li
         if found is None:
             raise DataConfigError(f"data_dir={str(data_dir)!r} has no GLUE diagnostic file ({', '.join(AX_FILES)})")
         return sorted(found.parent.glob("test-*.parquet")) if found.suffix == ".parquet" else [found]
-    folder = task_folder(task, data_dir)
-    tsv = folder / UNLABELED_TEST_FILES.get(task.name, {"test": "test.tsv"})[split]
-    if tsv.is_file():
-        return [tsv]
-    if parquet := _parquet_files(folder, split):
-        return parquet
-    raise DataConfigError(
-        f"data_dir={str(data_dir)!r} lacks {tsv} (GLUE's unlabeled {split} split of {task.name}; "
-        f"no {split}-*.parquet either)"
-    )
+    tsv_name = UNLABELED_TEST_FILES.get(task.name, {"test": "test.tsv"})[split]
+    return _tsv_or_parquet(task_folder(task, data_dir), tsv_name, split, data_dir,
+                           f"GLUE's unlabeled {split} split of {task.name}")  # fmt: skip
 
 
 def load_unlabeled_test(task: TaskInfo, split: str, data_dir: str | Path | None) -> Dataset:

@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import yaml
 
 from datamodules import TextDataModule
+from datamodules.files import task_name_of
 from datamodules.instruct import InstructionDataModule
 from lightning_modules.causal_lm import TASK as INSTRUCTION_TASK
 from lightning_modules.causal_lm import CausalLMModule
@@ -37,9 +38,7 @@ def _classification_task(config: Any) -> str:
     """The run folder's task: the GLUE task, else --data.name, else the training file's name."""
     if config.data.task is not None:
         return str(config.data.task).lower().replace("-", "")
-    from datamodules.text import _task_name
-
-    return config.data.name or (_task_name(config.data.train_file) if config.data.train_file else "custom")
+    return config.data.name or (task_name_of(config.data.train_file) if config.data.train_file else "custom")
 
 
 @dataclass(frozen=True)

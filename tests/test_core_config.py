@@ -118,47 +118,6 @@ def test_apply_twice_and_non_config_errors():
         apply_pelt(tiny("bert"), {"lora": True})
 
 
-def test_the_documented_new_submodule_is_one_file_and_one_registry_line(monkeypatch, tmp_path):
-    """docs/method.md's example, run as written: registered, configured, trained, gated, saved."""
-    import importlib.util
-    import re
-    from pathlib import Path
-
-    import torch
-
-    from unipelt import gate_values, load_pelt_state_dict, pelt_state_dict
-
-    try:
-        from .test_core_model import batch, train_steps
-    except ImportError:
-        from test_core_model import batch, train_steps
-
-    doc = (Path(__file__).parents[1] / "docs" / "method.md").read_text()
-    code = re.search(r"```python\n(# unipelt/tuners/shift.py\n.*?)```", doc, re.S).group(1)
-    (tmp_path / "shift.py").write_text(code)
-    spec = importlib.util.spec_from_file_location("shift_example", tmp_path / "shift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setitem(TUNERS, "shift", module.ShiftConfig)  # the registry line
-
-    cfg = PELTConfig.preset("unipelt_apl", shift=True, shift_gate=True)
-    assert cfg.shift.gate and PELTConfig.from_dict(cfg.to_dict()) == cfg
-    for family in ("bert", "deberta-v2"):
-        model = apply_pelt(tiny(family, attn="eager" if family == "deberta-v2" else "sdpa"), cfg)
-        train_steps(model, family, steps=2)
-        vectors = [p for n, p in model.named_parameters() if n.endswith("shift.vector")]
-        assert len(vectors) == model.config.num_hidden_layers and all(v.abs().sum() > 0 for v in vectors)
-        model.eval()
-        inputs = batch(family, [5, 3])
-        with torch.no_grad():
-            expected = model(**inputs).logits
-        assert "layer0.shift" in gate_values(model)
-        fresh = apply_pelt(tiny(family, attn="eager" if family == "deberta-v2" else "sdpa"), cfg)
-        load_pelt_state_dict(fresh, pelt_state_dict(model))
-        with torch.no_grad():
-            assert torch.equal(fresh.eval()(**inputs).logits, expected)
-
-
 def test_xlm_roberta_shares_roberta_layout():
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification

@@ -56,7 +56,7 @@ def _flat(value):
 def test_nothing_of_a_batch_stays_on_modules_after_forward(family):
     model = trained(family)
     model(**batch(family, [6, 2]), labels=LABELS[:2]).loss.backward()
-    assert context._ACTIVE.get() is None
+    assert context.FORWARDS.top() is None
     for name, module in model.named_modules():
         for attr, value in vars(module).items():
             if attr.startswith("_") and attr in ("_parameters", "_buffers", "_modules"):
@@ -147,18 +147,25 @@ def test_reentrant_checkpointing_needs_a_folded_prefix():
     assert_same(got, backward(model, "bert"), exact=False)
 
 
-@pytest.mark.parametrize("family", ["bert", "deberta-v2", "modernbert"])
-def test_torch_compile_traces_one_graph_with_eager_logits_and_gates(family):
-    """The context must not break the graph (a ContextVar gave 27 graphs and a slower compiled model)."""
-    model = pelt(family, "unipelt_apl").eval()
+@pytest.mark.parametrize("family,head", [("bert", "pooler"), ("deberta-v2", "pooler"), ("modernbert", "pooler"),
+                                         ("bert", "mean"), ("bert", "cls_mlp"), ("modernbert", "mean")])
+def test_torch_compile_traces_one_graph_with_eager_logits_and_gates(family, head):
+    """The context must not break the graph (a ContextVar gave 27 graphs and a slower compiled model),
+    nor must the pooling heads' per-forward state (a ContextVar of its own gave 4 graphs with ``mean``)."""
+    model = pelt(family, "unipelt_apl", head=head).eval()
     inputs = batch(family, [6, 4, 2])
+    if head != "pooler":  # the pooling heads compute the loss themselves (DeBERTa's own breaks the graph)
+        inputs["labels"] = torch.tensor([0, 2, 1])
     with torch.inference_mode():
-        expected, expected_gates = model(**inputs).logits, gate_values(model)
+        expected = model(**inputs)
+        expected_gates = gate_values(model)
         explained = torch._dynamo.explain(model)(**inputs)
-        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
         torch._dynamo.reset()
-        got = torch.compile(model, backend="eager")(**inputs).logits
-    torch.testing.assert_close(got, expected)
+        got = torch.compile(model, backend="eager")(**inputs)
+    torch.testing.assert_close(got.logits, expected.logits)
+    if head != "pooler":
+        torch.testing.assert_close(got.loss, expected.loss)
     got_gates = gate_values(model)
     assert set(got_gates) == set(expected_gates)
     for key, value in expected_gates.items():
@@ -178,5 +185,5 @@ def test_torch_compile_with_graph_breaks_and_training_matches_eager():
     assert set(got) == set(expected)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad)
-    assert context._TRACED == []  # nothing left entered
+    assert context.FORWARDS.traced == []  # nothing left entered
     torch._dynamo.reset()

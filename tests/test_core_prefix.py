@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-import unipelt.tuners.prefix as prefix_module
+import unipelt.tuners.prefix.attention as prefix_module
 from unipelt import (
     PRESETS,
     PELTConfig,

@@ -11,7 +11,7 @@ from test_data_helpers import SIZES, write_all, write_task, write_tokenizer
 from torch.utils.data import DataLoader
 
 from datamodules import GLUE_TASKS, DataConfigError, GLUEDataModule
-from datamodules import glue as glue_module
+from datamodules import text as text_module
 from datamodules.samplers import EpochSeededRandomSampler
 
 
@@ -80,8 +80,8 @@ def test_no_token_type_ids_when_the_tokenizer_has_none(glue, tmp_path) -> None:
 
 def test_tokenises_only_the_rows_a_split_uses_and_caches_them(glue, tokenizer, tmp_path, monkeypatch) -> None:
     sizes = []
-    real = glue_module.tokenize
-    monkeypatch.setattr(glue_module, "tokenize", lambda ds, *a: sizes.append(len(ds)) or real(ds, *a))
+    real = text_module.tokenize
+    monkeypatch.setattr(text_module, "tokenize", lambda ds, *a: sizes.append(len(ds)) or real(ds, *a))
     make(glue, tokenizer, tmp_path, "rte", k_shot=8, dev_size=10).prepare_data()
     assert sizes == [8, 10, SIZES["validation"]]
     dm = make(glue, tokenizer, tmp_path, "rte", k_shot=8, dev_size=10)

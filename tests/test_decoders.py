@@ -313,7 +313,7 @@ def test_per_token_gated_prefix_equals_a_hand_computed_attention(impl: str) -> N
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from unipelt.causal import gated_output, prefix_inputs
+    from unipelt.tuners.prefix.causal import gated_output, prefix_inputs
 
     torch.manual_seed(0)
     b, heads, kv_heads, q, kv, length, d = 2, 4, 2, 5, 7, 3, 8  # 2 cached tokens before 5 new ones
@@ -350,7 +350,7 @@ def _widened_reference(query, key, value, mask, prefix_key, prefix_value, gate, 
     """The widened-head-dims call (GPU and eager path) through transformers' SDPA function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from unipelt.causal import gated_output, prefix_inputs
+    from unipelt.tuners.prefix.causal import gated_output, prefix_inputs
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = query.shape[1] // key.shape[1], True
@@ -363,7 +363,7 @@ def _widened_reference(query, key, value, mask, prefix_key, prefix_value, gate, 
 def test_merged_cpu_prefix_attention_equals_the_widened_call_with_gradients(case: str) -> None:
     """The CPU path (tokens by the flash kernel, prefix apart, merged by log-sum-exps) == the widened
     call: outputs and the gradients of queries, keys, values, prefix and gates."""
-    from unipelt.causal import can_merge, merged_prefix_attention
+    from unipelt.tuners.prefix.causal import can_merge, merged_prefix_attention
 
     torch.manual_seed(1)
     b, heads, kv_heads, length, d = 3, 6, 2, 4, 16
@@ -396,7 +396,7 @@ def test_merged_cpu_prefix_attention_equals_the_widened_call_with_gradients(case
 def test_flash_log_sum_exp_gradient_equals_autograd_of_the_math() -> None:
     """The log-sum-exp output is differentiable: a loss on it and on the output gets the gradients
     autograd gives the written-out softmax (with grouped-query heads and a causal mask)."""
-    from unipelt.causal import _FlashWithLogsumexp
+    from unipelt.tuners.prefix.causal import _FlashWithLogsumexp
 
     torch.manual_seed(2)
     q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
@@ -433,7 +433,7 @@ def test_activation_checkpointing_gives_a_decoder_the_same_gradients(side: str) 
 
 def test_the_kernel_check_passes_when_first_run_under_inference_mode_or_autocast() -> None:
     """Lightning's predict runs the first forward under inference_mode: the check must still pass."""
-    from unipelt import causal
+    from unipelt.tuners.prefix import causal
 
     causal.kernel_checked.cache_clear()
     try:
@@ -447,7 +447,7 @@ def test_the_kernel_check_passes_when_first_run_under_inference_mode_or_autocast
 def test_a_cpu_flash_kernel_that_breaks_the_contract_falls_back_to_the_exact_general_path(monkeypatch) -> None:
     """torch's private kernel is checked once; if it misbehaves (here: a wrong log-sum-exp), a warning
     names it and the widened call runs: same logits as the fast path on a sound kernel."""
-    from unipelt import causal
+    from unipelt.tuners.prefix import causal
 
     model = build("llama", "unipelt_apl")
     ids, mask = pad(rows(), "left")

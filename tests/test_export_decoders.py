@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import unipelt
 from tests.test_decoders import FAMILIES, PAD, build, config, pad, rows
 from unipelt import PELTError
-from unipelt.causal import positions_from_mask
+from unipelt.context import positions_from_mask
 
 UNFUSED = [f for f in FAMILIES if f != "gpt2"]  # GPT-2's q, k and v are one Conv1D (c_attn)
 

@@ -70,9 +70,9 @@ def test_ungated_lora_and_bitfit_merge_into_a_plain_model_with_the_same_logits(f
 
 
 @pytest.mark.parametrize("preset,words", [
-    ("unipelt_apl", "adapter and prefix cannot be folded"),
-    ("adapter", "adapter cannot be folded"),
-    ("unipelt_apl_nogate", "adapter and prefix cannot be folded"),
+    ("unipelt_apl", "'adapter' and 'prefix' cannot be folded"),
+    ("adapter", "'adapter' cannot be folded"),
+    ("unipelt_apl_nogate", "'adapter' and 'prefix' cannot be folded"),
 ])
 def test_what_cannot_merge_is_named(preset, words):
     model = apply_pelt(backbone("bert"), PELTConfig.preset(preset))

@@ -315,3 +315,20 @@ def test_save_pretrained_from_pretrained_carry_the_head(head, tmp_path):
     assert loaded.pelt_config.head == head
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_the_head_forward_keeps_the_signature_and_survives_pickling():
+    """``model.forward`` is the head's wrapper: callers that read its signature (generate, Lightning) see the
+    model's own, and a pickled model (torch.save of the whole module) computes the same logits."""
+    import inspect
+
+    model = pelt("bert", "lora", head="cls_mlp").eval()
+    assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)  # our own object, written just above
+    inputs = batch("bert", [6, 3])
+    with torch.no_grad():
+        assert restored.forward.inner.__self__ is restored
+        torch.testing.assert_close(restored(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)

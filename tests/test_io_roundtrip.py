@@ -199,3 +199,23 @@ def test_a_backbone_recorded_as_an_installed_package_path_reloads(tmp_path):
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_the_export_folder_and_its_files_follow_the_umask(backbone_dirs, tmp_path, mask):
+    """A folder meant for the team is readable by it (mkdtemp and safetensors would make it 0700 / 0600)."""
+    import os
+
+    model = apply_pelt(load_backbone(backbone_dirs["bert"]), PELTConfig.preset("lora"))
+    old = os.umask(mask)
+    try:
+        folder = unipelt.save_pretrained(model, tmp_path / "export")
+        peft_folder = unipelt.to_peft(model, tmp_path / "peft")
+        unipelt.save_pretrained(model, folder)  # over an existing folder: its files replaced
+    finally:
+        os.umask(old)
+    for directory in (folder, peft_folder):
+        assert directory.stat().st_mode & 0o777 == 0o777 & ~mask, directory
+        for file in directory.iterdir():
+            assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

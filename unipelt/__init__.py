@@ -5,8 +5,9 @@ from .checkpoint import load_pelt_state_dict, pelt_state_dict
 from .config import PRESETS, PELTConfig, PELTError, Preset
 from .export import calibrate_gates, merge, to_peft
 from .heads import HEADS
-from .inject import apply_pelt, count_trainable, fold_prefix, gate_values
+from .inject import apply_pelt, count_trainable, gate_values
 from .io import from_pretrained, push_to_hub, save_pretrained
+from .tuners import fold_prefix
 
 __all__ = [
     "PELTConfig",

@@ -62,3 +62,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_write(path) as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` (name -> torch tensor) as a safetensors file, written atomically (CPU, contiguous copies)."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_write(path, "wb") as f:
+        f.write(data)

@@ -2,22 +2,23 @@
 
 A ``ForwardContext`` is built when the base model's forward starts (a forward pre-hook) and
 made current in a ``ContextVar`` until it ends (a forward hook that also runs on errors):
-the token weights of the gates (the attention mask, normalised per example), this batch's
-prefix keys/values (the reparameterisation network runs once per forward), and a cache of
-the gate values computed so far. Nothing of a batch is stored on a module, so nested
+the token weights of the gates (the attention mask, normalised per example), what tuners
+compute once per forward for every layer (``shared``: the prefix network's keys and values),
+and a cache of the gate values computed so far. Nothing of a batch is stored on a module, so nested
 forwards and two models in one process never see each other's batch, and nothing outlives
 the forward except the autograd graph and the detached gate values kept for
 ``gate_values()``.
 
 Activation checkpointing replays a layer during the backward pass, after the context has
 been left. ``bind_checkpointing`` wraps the layers' checkpoint function so the replay runs
-inside a *replay* of its own forward's context (same mask and prefix, fresh gate cache: the
+inside a *replay* of its own forward's context (same mask and shared tensors, fresh gate cache: the
 replay must recompute every tensor the first pass saved).
 
 Under ``torch.compile`` (Dynamo cannot trace ``ContextVar.get``) the context lives on a plain list
-while tracing: Dynamo keeps that list's mutations symbolic, so the compiled model reads the context
-it entered and a whole encoder compiles to one graph (with the ContextVar, 27); eager forwards keep
-the ContextVar (thread and task safety).
+while tracing (``Stack``): Dynamo keeps that list's mutations symbolic, so the compiled model reads
+the context it entered and a whole encoder compiles to one graph (with the ContextVar, 27); eager
+forwards keep the ContextVar (thread and task safety). The pooling heads keep their per-forward
+frame on a ``Stack`` too (unipelt/heads.py).
 
 Gate reduction (``reduce``) is the one place that knows how per-token gate values become a
 scale: the mean over real tokens, one value per example (encoders), or with ``causal`` one
@@ -35,48 +36,65 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import checkpoint_function, set_checkpoint_function
 from .errors import PELTError
 
-_ACTIVE: ContextVar[ForwardContext | None] = ContextVar("unipelt_forward_context", default=None)
+
+class Stack:
+    """What the forwards now running keep for themselves, innermost last (one stack per kind of state).
+
+    In eager a ``ContextVar`` holds it (thread- and task-safe); while Dynamo traces, a plain list
+    (Dynamo cannot trace ``ContextVar.get``/``set`` and breaks the graph there; it keeps a list's
+    mutations symbolic, so the compiled model reads what it pushed)."""
+
+    def __init__(self, name: str) -> None:
+        self._var: ContextVar[tuple[Any, ...]] = ContextVar(name, default=())
+        self.traced: list[Any] = []
+
+    def top(self) -> Any:
+        if torch.compiler.is_compiling():
+            return self.traced[-1] if self.traced else None
+        entries = self._var.get()
+        return entries[-1] if entries else None
+
+    def push(self, entry: Any) -> None:
+        if torch.compiler.is_compiling():
+            self.traced.append(entry)
+        else:
+            self._var.set((*self._var.get(), entry))
+
+    def pop(self) -> Any:
+        if torch.compiler.is_compiling():
+            return self.traced.pop()
+        entries = self._var.get()
+        self._var.set(entries[:-1])
+        return entries[-1]
 
 
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "_weights", "prefix", "_prefix_layers", "_blank", "causal", "gates", "record",
-                 "masks", "previous")
+    __slots__ = ("owner", "weights", "shared", "make_static", "causal", "gates", "record", "cache")
 
     def __init__(self, owner: int, token_weights: torch.Tensor | Callable[[], torch.Tensor],
-                 prefix: torch.Tensor | None, causal: bool = False) -> None:
+                 shared: dict[str, torch.Tensor] | None = None, causal: bool = False,
+                 make_static: dict[str, str] | None = None) -> None:
         self.owner = owner  # id() of the base model whose forward this is
         self.causal = causal  # decoders: gates stay per token
-        self._weights = token_weights  # or a function computing them: decoders need them only on request
-        self.prefix = prefix  # (layers, 2, kv_heads, length, head_dim) or None
-        self._prefix_layers: tuple[torch.Tensor, ...] | None = None
-        self._blank = 0  # zero rows after each layer's prefix in _prefix_layers
+        self.weights = token_weights  # or a function computing them: decoders need them only on request
+        # what a tuner computes once per forward for every layer (``Target.share``): the prefix network's output
+        self.shared: dict[str, torch.Tensor] = shared or {}
+        self.make_static = make_static or {}  # shared name -> how a user makes it a parameter
         self.gates: dict[nn.Module, torch.Tensor] = {}  # gate bank -> (batch, n), with grad
         self.record: dict[nn.Module, torch.Tensor] = {}  # the same, detached: gate_values() (per token if causal)
-        self.masks: dict[object, Any] = {}  # (tag..., id(mask)) -> (mask, derived); ("unmasked", keys) -> mask
-        self.previous: ForwardContext | None = None
+        self.cache: dict[object, Any] = {}  # tensors derived once per forward (extended masks, per-layer prefixes)
 
     @property
     def token_weights(self) -> torch.Tensor:
         """(batch, tokens), rows sum to 1 over real tokens."""
-        if callable(self._weights):
-            self._weights = self._weights()
-        return self._weights
-
-    @property
-    def prefix_length(self) -> int:
-        return self.prefix.shape[-2]
-
-    def layer_prefix(self, layer: int, blank: int = 0) -> torch.Tensor:
-        """Layer ``layer``'s prefix, (2, kv_heads, length + blank, head_dim), ``blank`` zero rows
-        last: one pad and one unbind per forward, not a select per layer."""
-        if self._prefix_layers is None or self._blank != blank:
-            prefix = nn.functional.pad(self.prefix, (0, 0, 0, blank)) if blank else self.prefix
-            self._prefix_layers, self._blank = prefix.unbind(0), blank
-        return self._prefix_layers[layer]
+        if callable(self.weights):
+            self.weights = self.weights()
+        return self.weights
 
     def reduce(self, per_token: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, n) per-token gates -> (batch, n): the mean over real tokens; causal
@@ -92,7 +110,7 @@ class ForwardContext:
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
-        ctx = ForwardContext(self.owner, self._weights, self.prefix, self.causal)
+        ctx = ForwardContext(self.owner, self.weights, self.shared, self.causal, self.make_static)
         ctx.record = self.record
         return ctx
 
@@ -110,17 +128,11 @@ def _token_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weights.unsqueeze(1), per_token).squeeze(1)
 
 
-_TRACED: list[ForwardContext] = []  # contexts entered while torch.compile traces (see the module docstring)
-
-
-def _active() -> ForwardContext | None:
-    if torch.compiler.is_compiling():
-        return _TRACED[-1] if _TRACED else None
-    return _ACTIVE.get()
+FORWARDS = Stack("unipelt_forward_context")  # the ForwardContexts of the base models now running
 
 
 def current() -> ForwardContext:
-    ctx = _active()
+    ctx = FORWARDS.top()
     if ctx is None:
         raise PELTError("a unipelt module was called outside its model's forward "
                         "(call the model, not one of its layers)")
@@ -128,24 +140,16 @@ def current() -> ForwardContext:
 
 
 def enter(ctx: ForwardContext) -> None:
-    if torch.compiler.is_compiling():
-        _TRACED.append(ctx)
-        return
-    ctx.previous = _ACTIVE.get()
-    _ACTIVE.set(ctx)
+    FORWARDS.push(ctx)
 
 
 def leave(owner: int | None = None) -> ForwardContext | None:
     """Leave the current context (``owner``'s only: a forward that failed before entering its
     own context leaves nothing)."""
-    ctx = _active()
+    ctx = FORWARDS.top()
     if ctx is None or (owner is not None and ctx.owner != owner):
         return None
-    if torch.compiler.is_compiling():
-        return _TRACED.pop()
-    _ACTIVE.set(ctx.previous)
-    ctx.previous = None
-    return ctx
+    return FORWARDS.pop()
 
 
 def check_mask(mask: torch.Tensor | None) -> None:
@@ -166,6 +170,12 @@ def token_weights(mask: torch.Tensor | None, shape: tuple[int, int], device: tor
     return weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
 
 
+def positions_from_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Position ids that count real tokens only (left padding does not shift them), for the last ``tokens``."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -tokens:]
+
+
 class _InContext:
     """A layer's checkpoint function that replays the layer inside its forward's context."""
 
@@ -174,10 +184,11 @@ class _InContext:
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         ctx = current()
-        if ctx.prefix is not None and ctx.prefix.grad_fn is not None and _reentrant(self.inner, kwargs):
-            raise PELTError("activation checkpointing with use_reentrant=True runs each layer's "
-                            "backward on its own and cannot reach the prefix MLP that all layers "
-                            "share; use use_reentrant=False (the default) or fold_prefix(model) first")
+        trained = [name for name, value in ctx.shared.items() if value.grad_fn is not None]
+        if trained and _reentrant(self.inner, kwargs):
+            raise PELTError(f"activation checkpointing with use_reentrant=True runs each layer's backward on its own "
+                            f"and cannot reach {trained[0]!r}, which all layers share; use use_reentrant=False "
+                            f"(the default) or make it static first ({ctx.make_static[trained[0]]})")
         return self.inner(partial(_run_in, ctx, function), *args, **kwargs)
 
 
@@ -198,12 +209,12 @@ def _run_in(ctx: ForwardContext, function: Callable[..., Any], *args: Any, **kwa
 def bind_checkpointing(layers: nn.ModuleList) -> None:
     """Make activation checkpointing (``gradient_checkpointing_enable()``) replay in context.
 
-    transformers' ``GradientCheckpointingLayer`` calls ``self._gradient_checkpointing_func``;
+    transformers' ``GradientCheckpointingLayer`` calls its checkpoint function (unipelt/compat.py);
     enabling checkpointing (at any time, before or after ``apply_pelt``) sets it, so this
     runs at the start of each training forward: a few attribute reads when nothing changed.
     """
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False):
-            func = layer.__dict__.get("_gradient_checkpointing_func")
+            func = checkpoint_function(layer)
             if func is not None and not isinstance(func, _InContext):
-                layer._gradient_checkpointing_func = _InContext(func)
+                set_checkpoint_function(layer, _InContext(func))

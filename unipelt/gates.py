@@ -13,6 +13,8 @@ input to 128).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -29,6 +31,11 @@ class GateBank(nn.Module):
         self.proj = nn.Linear(hidden, len(keys))
         nn.init.normal_(self.proj.weight, std=init_std)
         nn.init.zeros_(self.proj.bias)
+
+    @property
+    def gate_keys(self) -> tuple[str, ...]:
+        """Its gates as ``gate_values()`` names them: ``layer3.prefix``."""
+        return tuple(f"layer{self.layer}.{key}" for key in self.keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, tokens, hidden) -> (batch, n) gate values ((batch, tokens, n) in causal models).
@@ -54,6 +61,19 @@ class GateBank(nn.Module):
         """This forward's values; the bank must have been called on its input already."""
         return current().gates[self]
 
+    def hold(self, fixed: Mapping[str, float]) -> None:
+        """Every gate of the bank at its value in ``fixed`` (keyed by ``gate_keys``) for every input:
+        zero weights, bias ``logit(value)`` (how ``merge`` fixes gates at calibrated values)."""
+        values = torch.tensor([fixed[k] for k in self.gate_keys], dtype=torch.float64)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.bias.copy_(torch.logit(values).to(self.proj.bias.dtype))
+
+
+def gate_keys(model: nn.Module) -> list[str]:
+    """Every gate of ``model``, named as ``gate_values()`` names them."""
+    return [key for m in model.modules() if isinstance(m, GateBank) for key in m.gate_keys]
+
 
 class GateSlot:
     """One gate of a bank, held by the submodule it scales (a plain object: the bank itself is
@@ -71,6 +91,11 @@ class GateSlot:
 
     def cached(self) -> torch.Tensor:
         return self.bank.cached()[..., self.index]
+
+    @property
+    def key(self) -> str:
+        """Its name in ``gate_values()`` and in the fixed gates of ``merge``: ``layer3.lora_value``."""
+        return self.bank.gate_keys[self.index]
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """The gate for input ``x``, shaped to scale (batch, tokens, features): (batch, 1, 1), or

@@ -16,30 +16,32 @@
   token has seen nothing else.
 
 ``mean`` and ``cls_mlp`` replace the model's own head (its parameter-holding modules outside
-the backbone become ``nn.Identity``) by ``model.pelt_head``; hooks on the model feed it the
-backbone's last hidden states and the attention mask and compute the loss as transformers does
-(``ForSequenceClassificationLoss``), so the model is still called and returns as before.
+the backbone become ``nn.Identity``) by ``model.pelt_head``; ``model.forward`` (``HeadForward``)
+runs the model's own forward, feeds the head the backbone's last hidden states and the attention
+mask and computes the loss as transformers does (the model's own ``loss_function``), so the model
+is still called and returns as before. The hidden states reach it through a frame on a
+``context.Stack``: nothing of a batch stays on a module, and ``torch.compile`` traces a model with
+its head as one graph.
 """
 
 from __future__ import annotations
 
 import inspect
-from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.loss.loss_utils import ForSequenceClassificationLoss
 
 from .backbones import BackboneSpec
+from .context import Stack
 from .errors import PELTError
 
 HEADS = ("pooler", "pooler_trainable", "mean", "cls_mlp")
 HEAD_ATTR = "pelt_head"
 
-# One frame per running forward of a model with a pelt head: {"labels", "mask", "hidden"}.
+# One frame per running forward of a model with a pelt head: {"base", "hidden"}.
 # Nothing of a batch is stored on a module (nested forwards and two models stay apart).
-_FRAMES: ContextVar[tuple[dict[str, Any], ...]] = ContextVar("unipelt_head_frames", default=())
+FRAMES = Stack("unipelt_head_frames")
 
 
 def allowed_heads(model: nn.Module, spec: BackboneSpec) -> tuple[str, ...]:
@@ -130,16 +132,44 @@ def attach_head(model: nn.Module, spec: BackboneSpec, head: str, init_std: float
                 linear.weight.normal_(0.0, init_std)
                 linear.bias.zero_()
     setattr(model, HEAD_ATTR, module.to(ref.device, ref.dtype))
-    model._pelt_mask_index = _argument_index(model, "attention_mask")
-    model._pelt_labels_index = _argument_index(model, "labels")
-    model.register_forward_pre_hook(_open_frame, with_kwargs=True)
     base.register_forward_hook(_keep_hidden)
-    model.register_forward_hook(_close_frame, with_kwargs=True, always_call=True)
+    model.forward = HeadForward(model.forward)
 
 
-def _argument_index(model: nn.Module, name: str) -> int | None:
-    names = list(inspect.signature(model.forward).parameters)
-    return names.index(name) if name in names else None
+class HeadForward:
+    """``model.forward`` with the pelt head: the model's own forward (``inner``), whose logits (and loss)
+    the pelt head's replace. An instance attribute, not hooks on the model: ``torch.compile(model)``
+    compiles a top-level module's hooks as frames of their own, this runs in the forward's graph.
+
+    The labels are kept from the model's own forward (its head is gone, so it would compute a loss on
+    nothing); the base model's last hidden states reach the head through a frame on ``FRAMES``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner  # the bound forward it replaces (deepcopy rebinds it to the copy)
+        self.__signature__ = inspect.signature(inner)
+        names = list(self.__signature__.parameters)
+        self.labels_index = names.index("labels") if "labels" in names else None
+        self.mask_index = names.index("attention_mask") if "attention_mask" in names else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.inner.__self__
+        labels, args = _take(args, kwargs, self.labels_index, "labels", pop=True)
+        mask, _ = _take(args, kwargs, self.mask_index, "attention_mask", pop=False)
+        frame = {"base": id(model.base_model), "hidden": None}
+        FRAMES.push(frame)
+        try:
+            output = self.inner(*args, **kwargs)
+        finally:
+            FRAMES.pop()
+        hidden = frame["hidden"]
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        logits = getattr(model, HEAD_ATTR)(hidden, mask)
+        loss = None if labels is None else model.loss_function(labels, logits, model.config)
+        if isinstance(output, tuple):
+            return ((loss,) if loss is not None else ()) + (logits,) + tuple(output[1:])
+        fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
+        return type(output)(loss=loss, logits=logits, **fields)
 
 
 def _take(args: tuple, kwargs: dict, index: int | None, name: str, pop: bool) -> tuple[Any, tuple]:
@@ -153,38 +183,8 @@ def _take(args: tuple, kwargs: dict, index: int | None, name: str, pop: bool) ->
     return None, args
 
 
-def _open_frame(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Model pre-hook: keep the labels (the model's own head is gone, so it computes no loss)
-    and the attention mask for the pelt head."""
-    labels, args = _take(args, kwargs, model._pelt_labels_index, "labels", pop=True)
-    mask, _ = _take(args, kwargs, model._pelt_mask_index, "attention_mask", pop=False)
-    frame = {"owner": id(model), "base": id(model.base_model), "labels": labels, "mask": mask, "hidden": None}
-    _FRAMES.set((*_FRAMES.get(), frame))
-    return args, kwargs
-
-
 def _keep_hidden(base: nn.Module, args: tuple, output: Any) -> None:
-    frames = _FRAMES.get()
-    if frames and frames[-1]["base"] == id(base) and frames[-1]["hidden"] is None:
-        frames[-1]["hidden"] = output[0]  # last_hidden_state
-
-
-def _close_frame(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    """Model hook: the pelt head's logits (and loss) replace the output's."""
-    frames = _FRAMES.get()
-    if not frames or frames[-1]["owner"] != id(model):
-        return None
-    frame = frames[-1]
-    _FRAMES.set(frames[:-1])
-    if output is None or frame["hidden"] is None:  # the forward failed
-        return None
-    hidden = frame["hidden"]
-    mask = frame["mask"]
-    if mask is None:
-        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-    logits = getattr(model, HEAD_ATTR)(hidden, mask)
-    loss = None if frame["labels"] is None else ForSequenceClassificationLoss(frame["labels"], logits, model.config)
-    if isinstance(output, tuple):
-        return ((loss,) if loss is not None else ()) + (logits,) + tuple(output[1:])
-    fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
-    return type(output)(loss=loss, logits=logits, **fields)
+    """Base-model hook: its last hidden states, for the head of the forward that called it."""
+    frame = FRAMES.top()
+    if frame is not None and frame["base"] == id(base) and frame["hidden"] is None:
+        frame["hidden"] = output[0]  # last_hidden_state

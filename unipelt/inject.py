@@ -10,15 +10,14 @@ from torch import nn
 
 from . import context
 from .backbones import spec_for
-from .causal import positions_from_mask
 from .config import PELTConfig
 from .errors import PELTError
 from .gates import GateRequests
 from .heads import attach_head
-from .tuners import Target
-from .tuners.prefix import PREFIX_ATTR, PrefixEncoder
+from .tuners import EXPLICIT_ATTENTION, Target
 
 LAST_GATES = "_pelt_last_gates"  # base model attribute: the last forward's gates, detached
+MERGED_ATTR = "pelt_merged"  # set by a merge that keeps unipelt modules: for inference, not to save or merge again
 
 
 def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
@@ -60,14 +59,16 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
         sub.inject(target)
     target.gates.build(layers, ref.device, ref.dtype)
     if spec.explicit_attention is not None and any(s.changes_attention for s in config.submodules.values()):
+        explicit = EXPLICIT_ATTENTION[spec.explicit_attention]
         parent_path, _, child = spec.attention.rpartition(".")
         for layer in layers:
             parent = layer.get_submodule(parent_path) if parent_path else layer
-            setattr(parent, child, spec.explicit_attention(getattr(parent, child)))
+            setattr(parent, child, explicit(getattr(parent, child)))
     attach_head(model, spec, config.head, config.init_std)  # after the tuners: it may freeze BitFit's pooler bias
 
     # Anything that reads the context; and decoders, whose positions come from the mask (below).
-    if target.gates.pending or hasattr(base, PREFIX_ATTR) or spec.causal:
+    base._pelt_shared = dict(target.shared)
+    if target.gates.pending or target.shared or spec.causal:
         signature = list(inspect.signature(base.forward).parameters)
         base._pelt_arg_index = {k: signature.index(k) for k in
                                 ("input_ids", "attention_mask", "inputs_embeds", "position_ids")
@@ -91,13 +92,12 @@ def _argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> torch.
 
 
 def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Base-model pre-hook: this batch's token weights and prefix become the current context.
+    """Base-model pre-hook: this batch's token weights and shared tensors become the current context.
 
     Module-level functions reading only the module they are given (no closure): deepcopy works.
     """
     ids = _argument(base, args, kwargs, "input_ids")
     reference = ids if ids is not None else _argument(base, args, kwargs, "inputs_embeds")
-    encoder: PrefixEncoder | None = getattr(base, PREFIX_ATTR, None)
     mask = _argument(base, args, kwargs, "attention_mask")
     causal = base._pelt_causal
     if causal and mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
@@ -111,10 +111,11 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         weights = weights()
     if base.training and torch.is_grad_enabled():
         context.bind_checkpointing(spec_for(base).layer_list(base))
-    context.enter(context.ForwardContext(id(base), weights, encoder() if encoder is not None else None, causal))
+    shared = {name: getattr(base, name)() for name in base._pelt_shared}
+    context.enter(context.ForwardContext(id(base), weights, shared, causal, base._pelt_shared))
     if causal and mask is not None and mask.dim() == 2 and _argument(base, args, kwargs, "position_ids") is None:
         # Positions count real tokens, so left padding shifts none (generate() passes its own).
-        kwargs["position_ids"] = positions_from_mask(mask, reference.shape[1])
+        kwargs["position_ids"] = context.positions_from_mask(mask, reference.shape[1])
         return args, kwargs
     return None
 
@@ -123,24 +124,17 @@ def _leave_context(base: nn.Module, args: tuple, output: object) -> None:
     ctx = context.leave(id(base))
     if ctx is not None:
         # the token weights, or (decoders) the function computing them when gate_values() asks
-        setattr(base, LAST_GATES, (ctx.record, ctx._weights))
+        setattr(base, LAST_GATES, (ctx.record, ctx.weights))
 
 
-def _prefix_encoder(model: nn.Module) -> PrefixEncoder | None:
-    return getattr(model.base_model, PREFIX_ATTR, None)
-
-
-def fold_prefix(model: nn.Module) -> nn.Module:
-    """Replace the prefix reparameterisation MLP by static per-layer prefixes, for good.
-
-    Not needed for inference speed: without gradients the MLP output is cached automatically.
-    Use it to keep training the static prefix or to drop the MLP from memory.
-    """
-    encoder = _prefix_encoder(model)
-    if encoder is None:
-        raise PELTError("fold_prefix: this model has no prefix (apply_pelt with a prefix preset)")
-    encoder.fold()
-    return model
+def config_of(model: nn.Module) -> PELTConfig:
+    """The PELT config of a model `apply_pelt` changed; PELTError for any other (or a merged one)."""
+    cfg = getattr(model, "pelt_config", None)
+    if cfg is None:
+        raise PELTError("this model has no PELT config; call apply_pelt(model, config) first")
+    if getattr(model, MERGED_ATTR, False):
+        raise PELTError("this model is merged (for inference only); use the model it was merged from")
+    return cfg
 
 
 def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -148,18 +142,19 @@ def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
     record, weights = getattr(model.base_model, LAST_GATES, None) or ({}, None)
     if record and callable(weights):
         weights = weights()
-    return {f"layer{bank.layer}.{key}": values[:, i]
+    return {key: values[:, i]
             for bank, gates in record.items() for values in [context.per_example(gates, weights)]
-            for i, key in enumerate(bank.keys)}
+            for i, key in enumerate(bank.gate_keys)}
 
 
 def count_trainable(model: nn.Module) -> int:
-    """Trainable parameters, counting an unfolded prefix as its folded size (the paper's count)."""
-    encoder = _prefix_encoder(model)
-    skip: set[int] = set()
-    total = 0
-    if encoder is not None and not encoder.folded:
-        skip = {id(p) for p in encoder.parameters()}
-        if any(p.requires_grad for p in encoder.parameters()):
-            total += encoder.folded_numel
+    """Trainable parameters as the paper counts them: what a tuner saves in another form (an unfolded
+    prefix: its output) counts at that form's size."""
+    config: PELTConfig | None = getattr(model, "pelt_config", None)
+    total, skip = 0, set()
+    for sub in config.submodules.values() if config is not None else ():
+        params, form = sub.saved_form(model)
+        if any(p.requires_grad for p in params):
+            total += sum(t.numel() for t in form.values())
+        skip.update(id(p) for p in params)
     return total + sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)

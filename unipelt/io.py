@@ -16,20 +16,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .atomic import atomic_write, umask, write_json, write_safetensors
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
+from .compat import is_causal_lm, no_init_weights
 from .config import PRESETS, PELTConfig, PELTError
 from .errors import one_line
-from .export import MERGED_ATTR
-from .inject import apply_pelt, count_trainable
+from .inject import apply_pelt, config_of, count_trainable
 
 CONFIG_NAME = "unipelt_config.json"
 WEIGHTS_NAME = "unipelt_model.safetensors"
@@ -56,7 +58,7 @@ def backbone_identity(model: nn.Module, name_or_path: str | None = None) -> dict
     """Name or path of the pretrained backbone, its sizes, its labels and fingerprint."""
     cfg = model.config
     return {
-        "model_name_or_path": str(name_or_path if name_or_path is not None else (cfg._name_or_path or "")),
+        "model_name_or_path": str(name_or_path if name_or_path is not None else (cfg.name_or_path or "")),
         **{k: getattr(cfg, k, None) for k in _SIZES},
         "num_labels": cfg.num_labels,
         "problem_type": cfg.problem_type,
@@ -68,14 +70,14 @@ def backbone_identity(model: nn.Module, name_or_path: str | None = None) -> dict
 
 def identity(model: nn.Module, name_or_path: str | None = None) -> dict[str, Any]:
     """What a saved model must agree with to be loaded onto ``model``: method, PELT config, backbone."""
-    cfg = _config_of(model)
+    cfg = config_of(model)
     return {"method": cfg.name, "pelt_config": cfg.to_dict(), "backbone": backbone_identity(model, name_or_path)}
 
 
 def check_identity(saved: dict[str, Any], model: nn.Module, config: PELTConfig | None = None) -> None:
     """Raise PELTError in one line naming what differs (method, backbone or labels) between a saved
     identity and ``model`` (or ``model`` about to be built with ``config``)."""
-    config = config or _config_of(model)
+    config = config or config_of(model)
     mine, theirs = config.flat(), PELTConfig.from_dict(saved["pelt_config"]).flat()  # any saved format version
     if saved["method"] != config.name or mine != theirs:
         fields = [f"{k}={theirs.get(k)!r} (here: {mine.get(k)!r})" for k in dict.fromkeys([*theirs, *mine])
@@ -130,20 +132,18 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_nam
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state["weights"].items()}
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "unipelt_method": record["method"]})
-        (tmp / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        (tmp / CARD_NAME).write_text(model_card(record))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: the folder follows the umask, as its files do
+        write_safetensors(tmp / WEIGHTS_NAME, state["weights"], {"format": "pt", "unipelt_method": record["method"]})
+        write_json(tmp / CONFIG_NAME, record)
+        with atomic_write(tmp / CARD_NAME) as f:
+            f.write(model_card(record))
         if path.exists():  # replace only our own files; anything else in the folder stays
             for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
                 os.replace(tmp / name, path / name)
         else:
             os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -171,9 +171,7 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     try:
         weights = load_file(folder / WEIGHTS_NAME)
     except (SafetensorError, OSError) as err:
-        raise PELTError(f"{str(folder / WEIGHTS_NAME)!r}: not a readable safetensors file ({err})") from None
-    from transformers.initialization import no_init_weights
-
+        raise PELTError(f"{str(folder / WEIGHTS_NAME)!r}: not a readable safetensors file ({one_line(err)})") from None
     with no_init_weights():  # every new tensor is overwritten by the saved one (checked: none missing)
         apply_pelt(model, config)
     load_pelt_state_dict(model, {"config": config.to_dict(), "backbone": {}, "weights": weights})
@@ -188,7 +186,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     try:
         record = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise PELTError(f"{str(file)!r}: not valid JSON ({err})") from None
+        raise PELTError(f"{str(file)!r}: not valid JSON ({one_line(err)})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise PELTError(f"{str(file)!r}: not a unipelt config (no \"format\": \"{FORMAT}\")")
     if record.get("format_version", 0) > FORMAT_VERSION:
@@ -258,16 +256,6 @@ def model_card(record: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _config_of(model: nn.Module) -> PELTConfig:
-    cfg = getattr(model, "pelt_config", None)
-    if cfg is None:
-        raise PELTError("this model has no PELT config; call apply_pelt(model, config) first")
-    if getattr(model, MERGED_ATTR, False):
-        raise PELTError("this model is merged (LoRA folded into the backbone's weights); save the model it was "
-                        "merged from")
-    return cfg
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -314,13 +302,6 @@ def resolve_local(name: str | os.PathLike) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}")
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
-
-
-def is_causal_lm(architecture: str) -> bool:
-    """Whether a model class name (``LlamaForCausalLM``) is a transformers causal language model."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return architecture in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:

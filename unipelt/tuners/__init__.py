@@ -6,7 +6,7 @@ from .adapter import AdapterConfig
 from .base import Target, TunerConfig
 from .bitfit import BitFitConfig
 from .lora import LoRAConfig
-from .prefix import PrefixConfig
+from .prefix import EXPLICIT_ATTENTION, PrefixConfig, fold_prefix
 
 # BitFit first (it unfreezes the backbone's biases before anything is added); LoRA before the
 # prefix (an explicit prefix attention wraps the module whose projections LoRA wraps).
@@ -17,5 +17,5 @@ TUNERS: dict[str, type[TunerConfig]] = {
     "prefix": PrefixConfig,
 }
 
-__all__ = ["TUNERS", "Target", "TunerConfig", "AdapterConfig", "BitFitConfig", "LoRAConfig",
-           "PrefixConfig"]
+__all__ = ["TUNERS", "EXPLICIT_ATTENTION", "Target", "TunerConfig", "AdapterConfig", "BitFitConfig", "LoRAConfig",
+           "PrefixConfig", "fold_prefix"]

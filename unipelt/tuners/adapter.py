@@ -6,6 +6,9 @@ re-using the block's LayerNorm (adapter-transformers' Pfeiffer config). A pre-no
 ``y = r + mlp(norm(r))`` has no LayerNorm there: the adapter reads ``a = y`` and the block
 becomes ``y + g * up(act(down(y)))``. Either way an adapter whose output is zero leaves the
 block unchanged. ``g`` is the gate (reading ``a``) or 1.
+
+Not linear in any weight, so ``merge`` keeps it as a module (with its gate held at a fixed value);
+PEFT has no adapter of this kind.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import torch
 from torch import nn
 from torch.nn.functional import linear
 
-from ..backbones import LayerOutput, MLPOutput, PostLNOutput, PostLNSublayer
+from ..backbones import BackboneSpec, LayerOutput, MLPOutput, PostLNOutput, PostLNSublayer
 from ..errors import PELTError
 from ..gates import GateSlot
-from .base import Target, TunerConfig
+from .base import Merge, Target, TunerConfig
 
 ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh, "silu": nn.functional.silu}
 
@@ -106,6 +109,7 @@ def _after_layer(layer: nn.Module, args: Any, output: Any) -> Any:
 @dataclass(frozen=True)
 class AdapterConfig(TunerConfig):
     name: ClassVar[str] = "adapter"
+    merge: ClassVar[Merge] = Merge.KEEP
     bottleneck: int = 48
     activation: str = "relu"
 
@@ -136,6 +140,11 @@ class AdapterConfig(TunerConfig):
                 layer.register_forward_hook(_after_layer)
             else:
                 raise PELTError(f"unknown adapter site {site!r}")
+
+    def v1_gate_path(self, spec: BackboneSpec, key: str) -> str | None:
+        if key == "adapter" and isinstance(spec.adapter, PostLNOutput):
+            return f"{spec.adapter.block}.adapter.gate"
+        return None
 
 
 def _split(root: nn.Module, path: str) -> tuple[nn.Module, str]:

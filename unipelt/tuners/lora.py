@@ -8,11 +8,15 @@ Every LoRA-wrapped projection exposes its targets per name: ``targets``, ``lora_
 (the A and B Linears) and ``delta_weight(t)`` (``s * B @ A`` as a ``(rows, in)`` matrix, with
 ``output_slice(t)`` the rows of the wrapped weight it adds to), so exports (ungated LoRA to
 PEFT, merging into weights) need not know whether the projection was fused.
+
+``merge`` folds it into the wrapped weight, ``W + s B A`` (``s`` a fixed gate when gated); ``to_peft``
+writes PEFT's LoRA (its constant scale ``alpha / r``; a fixed gate is folded into ``B``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -20,9 +24,10 @@ import torch
 from torch import nn
 from torch.nn.functional import linear
 
+from ..backbones import BackboneSpec
 from ..errors import PELTError
 from ..gates import GateSlot
-from .base import Target, TunerConfig
+from .base import Merge, PeftAdapter, Target, TunerConfig, backbone_path, model_layer, replace_children
 
 TARGETS = ("query", "key", "value")
 SMALL_OUTPUT = 1 << 16  # elements: below it an update in fewer ops beats one that never holds B z whole
@@ -64,6 +69,10 @@ class LoRALinear(nn.Module):
         """``alpha/r * B @ A`` (the ungated update; a gated one scales it per example)."""
         a, b = self.lora_pair(target)
         return self.scaling * (b.weight @ a.weight)
+
+    @property
+    def gate_slots(self) -> dict[str, GateSlot | None]:
+        return {self.target: self.gate}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A and B are applied as functions, not called as modules: in a decoder's generation step a
@@ -121,6 +130,10 @@ class FusedLoRALinear(nn.Module):
         a, b = self.lora_pair(target)
         return self.scaling * (b.weight @ a.weight)
 
+    @property
+    def gate_slots(self) -> dict[str, GateSlot | None]:
+        return self.gates
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         a = torch.cat([self.lora_A[t].weight for t in self.slices])  # (targets * r, in)
@@ -131,6 +144,23 @@ class FusedLoRALinear(nn.Module):
             # in place on the base output (not needed for backward): no copy of the whole qkv
             y[..., sl] += self.lora_B[t](zt)
         return y
+
+
+def merged_base(lora: LoRALinear | FusedLoRALinear, gates: Mapping[str, float]) -> nn.Module:
+    """The wrapped projection with ``scale * B @ A`` added to each target's outputs (scale: alpha/r or the
+    fixed gate): rows of a Linear's weight, columns of GPT-2's Conv1D (whose weight is (in, out))."""
+    base = lora.base
+    transposed = is_conv1d(base)
+    with torch.no_grad():
+        weight = base.weight.float()
+        if transposed:
+            weight = weight.T  # a view: adding to its rows adds to the Conv1D weight's columns
+        for target, slot in lora.gate_slots.items():
+            down, up = lora.lora_pair(target)
+            scale = lora.scaling if slot is None else gates[slot.key]
+            weight[lora.output_slice(target)] += scale * (up.weight.float() @ down.weight.float())
+        base.weight.copy_((weight.T if transposed else weight).to(base.weight.dtype))
+    return base
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -147,6 +177,8 @@ def _check(target: str, targets: tuple[str, ...]) -> None:
 class LoRAConfig(TunerConfig):
     name: ClassVar[str] = "lora"
     changes_attention: ClassVar[bool] = True
+    merge: ClassVar[Merge] = Merge.FOLD
+    peft_type: ClassVar[str] = "LORA"
     r: int = 8
     alpha: float = 16
     targets: tuple[str, ...] = field(default=("query", "value"))
@@ -191,3 +223,34 @@ class LoRAConfig(TunerConfig):
                 for m in (wrapped.lora_A, wrapped.lora_B):  # base keeps its frozen weights
                     target.new(m)
                 setattr(attention, name, wrapped)
+
+    def fold(self, model: nn.Module, layer: int, gates: Mapping[str, float]) -> None:
+        replace_children(model_layer(model, layer), (LoRALinear, FusedLoRALinear), lambda m: merged_base(m, gates))
+
+    def peft(self, model: nn.Module, gates: Mapping[str, float]) -> PeftAdapter:
+        fused = [name for name, m in model.named_modules() if isinstance(m, FusedLoRALinear)]
+        if fused:
+            raise PELTError(f"PEFT's LoRA cannot express LoRA on slices of a fused projection ({fused[0]})")
+        tensors: dict[str, torch.Tensor] = {}
+        targets: set[str] = set()
+        for name, lora in model.named_modules():
+            if not isinstance(lora, LoRALinear):
+                continue
+            plain = backbone_path(model, name)  # the projection's name in the backbone without unipelt
+            targets.add(plain.rsplit(".", 1)[-1])
+            down, up = lora.lora_pair(lora.target)
+            b = up.weight.detach()
+            if lora.gate is not None:  # PEFT scales by lora_alpha / r: fold gate / (alpha / r) into B
+                b = b * (gates[lora.gate.key] / lora.scaling)
+            tensors[f"{plain}.lora_A.weight"] = down.weight.detach()
+            tensors[f"{plain}.lora_B.weight"] = b
+        config = {"r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                  "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
+                  "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+        return PeftAdapter(self.peft_type, config, tensors)
+
+    def v1_gate_path(self, spec: BackboneSpec, key: str) -> str | None:
+        target = key.removeprefix("lora_")
+        if key.startswith("lora_") and target in spec.projections:
+            return f"{spec.attention}.{spec.projections[target]}.gate"
+        return None

@@ -1,10 +1,8 @@
-"""What decoders need beyond encoders: per-token gates, a prefix under a causal mask, positions from the mask.
+"""The prefix in decoders: before every sequence, under the causal mask, scaled by per-token gates.
 
-Causal gates are per token: position t's gate is sigmoid(W h_t + b) of its own hidden state,
-so it depends on tokens up to t only, keeps no state across forwards (the KV cache, beam
-reordering and cache cropping need nothing from us) and does not depend on padding. The paper's
-mean over the sequence would leak later tokens into earlier positions. docs/decoders.md says
-why not a running mean.
+transformers may skip the causal mask (SDPA's ``is_causal`` stands in when nothing is padded); with a
+prefix the keys no longer align with the queries, so the mask is built here. Causal gates are per
+token (unipelt/context.py: no position's gate sees a later token).
 
 A gated prefix scales its keys and values by the gate (as the paper does per example); with a
 gate per query token that is a different scale per query, which one attention call computes
@@ -27,14 +25,28 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.functional import pad
-from transformers.integrations.sdpa_attention import repeat_kv
 
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+from ...compat import FLASH_CPU, FLASH_CPU_BACKWARD
+from .encoder import gated_prefix, layer_prefix
+from .masks import additive, additive_mask, extend_mask, extended_mask
+
+_FLASH_CPU = FLASH_CPU  # module attributes: a test replaces them with a kernel that breaks the contract
+_FLASH_CPU_BACKWARD = FLASH_CPU_BACKWARD
+
+
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, kv_heads, n, d) -> (batch, kv_heads * groups, n, d): each key/value head serves ``groups``
+    query heads (grouped-query attention), as transformers' own ``repeat_kv`` does."""
+    if groups == 1:
+        return states
+    batch, heads, n, d = states.shape
+    return states[:, :, None].expand(batch, heads, groups, n, d).reshape(batch, heads * groups, n, d)
 
 
 def causal_mask(queries: int, like: torch.Tensor, additive: bool) -> torch.Tensor:
@@ -53,29 +65,10 @@ def without_empty_slots(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return (key, value) if key.shape[2] == queries else (key[:, :, :queries], value[:, :, :queries])
 
 
-def extend_mask(mask: torch.Tensor, length: int, blank: int = 0) -> torch.Tensor:
-    """Prepend ``length`` key positions to a 4D bool or additive mask: always attendable, except
-    the last ``blank`` of them, which are never (blank slots that align the key count)."""
-    boolean = mask.dtype == torch.bool
-    pad = torch.full((*mask.shape[:-1], length), True if boolean else 0.0, dtype=mask.dtype,
-                     device=mask.device)
-    if blank:
-        pad[..., length - blank:] = False if boolean else torch.finfo(mask.dtype).min
-    return torch.cat([pad, mask], dim=-1)
-
-
-def prefix_inputs(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    prefix_key: torch.Tensor,
-    prefix_value: torch.Tensor,
-    gate: torch.Tensor | None,
-    causal: bool,
-    additive: bool,
-    extend: Callable[[torch.Tensor, int], torch.Tensor] = extend_mask,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def prefix_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                  prefix_key: torch.Tensor, prefix_value: torch.Tensor, gate: torch.Tensor | None, causal: bool,
+                  additive: bool, extend: Callable[[torch.Tensor, int], torch.Tensor] = extend_mask,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(query, key, value, mask) for an attention call that sees the prefix before every sequence.
 
     ``prefix_key``/``prefix_value``: (batch, kv heads, length, head dim), already scaled by a
@@ -196,23 +189,9 @@ class _FlashWithLogsumexp(torch.autograd.Function):
         return *grads, None, None, None
 
 
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as the additive mask in ``dtype`` that the CPU flash kernel takes."""
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
-def merged_prefix_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor | None,
-    prefix_key: torch.Tensor,
-    prefix_value: torch.Tensor,
-    gate: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+def merged_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                            prefix_key: torch.Tensor, prefix_value: torch.Tensor, gate: torch.Tensor | None,
+                            scale: float) -> torch.Tensor:
     """Attention over ``[g p; tokens]`` per query as two softmaxes merged by their log-sum-exps:
     ``out = w o_tokens + (1 - w) g softmax(g q P_k^T) P_v``, ``w = sigmoid(lse_tokens - lse_prefix)``.
 
@@ -242,7 +221,32 @@ def merged_prefix_attention(
     return out.transpose(1, 2).contiguous()
 
 
-def positions_from_mask(mask: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Position ids that count real tokens only (left padding does not shift them), for the last ``tokens``."""
-    positions = mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)[:, -tokens:]
+def causal_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            *args: Any, base_impl: str, base_fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Decoders: the prefix before every sequence under the causal mask, one gate per query token.
+
+    Transformers may skip the causal mask (SDPA, no padding), and a per-token gate scales the prefix
+    per query, which runs on head dims widened by the prefix length (``base_fn``, the backbone's own
+    attention function, on ``prefix_inputs``), or on the CPU as the backbone's own attention call
+    merged with the prefix's by log-sum-exps (module docstring)."""
+    slot = module.pelt_prefix_gate
+    gate = slot.cached() if slot is not None else None  # (batch, tokens)
+    if gate is not None and query.shape[2] == 1:  # one query (a generation step): scaling the prefix is exact
+        kv = layer_prefix(module, key.dtype)  # keys and values scaled in one multiply (few ops per step)
+        g = gate.view(-1, 1, 1, 1, 1)
+        pk, pv = (kv * (g if g.dtype == kv.dtype else g.to(kv.dtype))).unbind(1)
+        gate = None
+    else:  # no blank slots here: under a causal mask 266 -> 272 keys ran slower (fwd + bwd, 1 thread)
+        pk, pv = gated_prefix(module, query.shape[0], key.dtype, None)
+    if kwargs.get("scaling") is None:  # widened head dims must keep the original scale
+        kwargs["scaling"] = query.shape[-1] ** -0.5
+    if base_impl == "sdpa" and can_merge(query, value, kwargs.get("dropout", 0.0)):
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = additive(attention_mask, query.dtype)
+        return merged_prefix_attention(query, key, value, attention_mask, pk, pv, gate, kwargs["scaling"]), None
+    query, key, value, attention_mask = prefix_inputs(
+        query, key, value, attention_mask, pk, pv, gate, causal=True, additive=base_impl == "eager",
+        extend=extended_mask)
+    out, weights = base_fn(module, query, key, value, attention_mask, *args, **kwargs)
+    return (out if gate is None else gated_output(out, gate, pv)), weights
