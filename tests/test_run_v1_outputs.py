@@ -1,6 +1,7 @@
 """The run pipeline against outputs pinned before its v3 refactor (tests/fixtures/run_v1/, written by the v2
-`cli.py` at commit ceddb31 from the same tiny models and rows): a `fit` gives the same checkpoint and summary,
-and checkpoints v2 wrote still test and predict to the same outputs.
+`cli.py` at commit ceddb31 from the same tiny models and rows; the checkpoints are `*_checkpoint.pt`, as
+.gitignore leaves out `*.ckpt`): a `fit` gives the same checkpoint and summary, and checkpoints v2 wrote still
+predict the same.
 """
 
 from __future__ import annotations
@@ -83,13 +84,13 @@ def test_classifier_fit_gives_the_v1_checkpoint_and_summary(inputs, tmp_path):
     assert set(summary) == ENCODER_KEYS
     expected = pinned("encoder_summary.json")
     assert_same_record(summary, expected)
-    assert_same_tensors(trainable(summary["best_checkpoint"]), trainable(PINNED / "encoder.ckpt"))
+    assert_same_tensors(trainable(summary["best_checkpoint"]), trainable(PINNED / "encoder_checkpoint.pt"))
     assert summary["exported_weights"] == str(run / "export")
 
 
 def test_classifier_checkpoint_of_v1_predicts_the_same(inputs, tmp_path):
     out = tmp_path / "preds.csv"
-    main(["predict", "--ckpt_path", str(PINNED / "encoder.ckpt"), "--model.model_name_or_path",
+    main(["predict", "--ckpt_path", str(PINNED / "encoder_checkpoint.pt"), "--model.model_name_or_path",
           str(inputs / "tiny-bert"), "--data.predict_file", str(inputs / "new.csv"), "--predictions", str(out),
           "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
           *QUIET])  # fmt: skip
@@ -113,7 +114,7 @@ def test_instruction_fit_gives_the_v1_checkpoint_and_scores_and_exports(inputs, 
     assert summary["method"] == "lora" and expected.pop("method") == "LoRA"  # v2 kept the spelling given
     assert_same_record(summary, expected)
     best = summary["best_checkpoint"]
-    assert_same_tensors(trainable(best), trainable(PINNED / "decoder.ckpt"))
+    assert_same_tensors(trainable(best), trainable(PINNED / "decoder_checkpoint.pt"))
     # export/ replaces pelt_weights.pt: it rebuilds the decoder with the best checkpoint's logits.
     from lightning_modules import CausalLMModule
     from unipelt import from_pretrained
@@ -128,7 +129,7 @@ def test_instruction_fit_gives_the_v1_checkpoint_and_scores_and_exports(inputs, 
 
 def test_instruction_checkpoint_of_v1_generates_the_same(inputs, tmp_path):
     out = tmp_path / "gen.jsonl"
-    main(["predict", "--ckpt_path", str(PINNED / "decoder.ckpt"), "--model.model_name_or_path",
+    main(["predict", "--ckpt_path", str(PINNED / "decoder_checkpoint.pt"), "--model.model_name_or_path",
           str(inputs / "tiny-llama"), "--data.cache_dir", str(tmp_path / "cache"), "--data.predict_file",
           str(inputs / "prompts.jsonl"), "--model.max_new_tokens", "5", "--predictions", str(out),
           "--trainer.default_root_dir", str(tmp_path), *QUIET])  # not the fixture's folder
