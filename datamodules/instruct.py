@@ -31,11 +31,11 @@ import pytorch_lightning as pl
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
-from transformers import AutoTokenizer
 
 from datamodules.cache import cache_key, default_cache_dir, file_identity, load_or_build, tokenizer_identity
 from datamodules.errors import DataConfigError, check_integers, first_line
 from datamodules.files import file_format, read_jsonl_rows, read_table
+from datamodules.hub import DECODER_HINT, INSTRUCTION_DATA_HINT, load_tokenizer, prepare_for, unreachable
 from datamodules.resumable import ResumableDataLoader
 from datamodules.samplers import (
     EpochSeededRandomSampler,
@@ -311,7 +311,7 @@ class InstructionDataModule(pl.LightningDataModule):
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
             h = self.hparams
-            self._tokenizer = AutoTokenizer.from_pretrained(h.model_name_or_path, gguf_file=h.gguf_file)
+            self._tokenizer = load_tokenizer(h.model_name_or_path, DECODER_HINT, gguf_file=h.gguf_file)
         return self._tokenizer
 
     @tokenizer.setter
@@ -341,9 +341,12 @@ class InstructionDataModule(pl.LightningDataModule):
         import datasets
 
         where = f"{h.dataset}" + (f"/{h.dataset_config}" if h.dataset_config else "") + f" ({name})"
+        prepare_for(h.dataset)
         try:
             ds = datasets.load_dataset(h.dataset, h.dataset_config, split=name)
         except Exception as err:  # offline, a typo, a split that does not exist: say so in one line
+            if (hub := unreachable(h.dataset, "--data.dataset", INSTRUCTION_DATA_HINT)) is not None:
+                raise hub from None
             raise DataConfigError(f"dataset={h.dataset!r}: could not load {where} ({first_line(err)})") from None
         return ds.to_list(), where
 

@@ -58,11 +58,12 @@ def check_options(**checks: tuple[Any, bool, str]) -> None:
 
 
 def load_backbone(auto_class: Any, path: str, what: str = "Hugging Face model",
-                  config: dict[str, Any] | None = None, **kwargs: Any) -> torch.nn.Module:
+                  config: dict[str, Any] | None = None, hint: str = MODEL_HINT, **kwargs: Any) -> torch.nn.Module:
     """``auto_class.from_pretrained(path, **kwargs)`` in train mode (``config``: settings of its
     AutoConfig, e.g. the labels), or one line saying why not.
 
-    A hub name that cannot be fetched says which options take local files (HubUnreachableError);
+    A hub name that cannot be fetched says which options take local files (HubUnreachableError, ending
+    with ``hint``);
     anything else that is not a model is a ModelConfigError naming `--model.model_name_or_path`.
     A backbone weight missing from the files is warned about (the new head is expected to be)."""
     prepare_for(path)
@@ -73,7 +74,7 @@ def load_backbone(auto_class: Any, path: str, what: str = "Hugging Face model",
         with _quiet_load_report():
             model, info = auto_class.from_pretrained(local, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        if (hub := unreachable(str(path), "--model.model_name_or_path", MODEL_HINT)) is not None:
+        if (hub := unreachable(str(path), "--model.model_name_or_path", hint)) is not None:
             raise hub from None
         raise ModelConfigError(
             f"--model.model_name_or_path {str(path)!r} is not a {what} folder or hub name ({one_line(err)})"

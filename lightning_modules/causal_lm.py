@@ -10,6 +10,7 @@ as for encoders, with the same identity checks (method, backbone).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,14 +18,27 @@ from typing import Any
 
 import torch
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from datamodules.hub import DECODER_HINT, load_tokenizer
 from lightning_modules.base import CheckpointMismatchError, PELTModule, check_options, load_backbone
+from lightning_modules.errors import ModelConfigError
 from lightning_modules.predictions import write_generations
 from unipelt.io import identity
 
 TASK = "instruct"  # what checkpoints record as their task
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_PACKAGES = ("gguf", "accelerate")  # what transformers needs to read a GGUF file: setup.cfg's extra `gguf`
+
+
+def check_gguf_packages(gguf_file: str | None) -> None:
+    """A GGUF file needs packages unipelt does not require: say which, and the extra that installs them."""
+    missing = [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
+    if gguf_file and missing:
+        raise ModelConfigError(
+            f"--model.gguf_file {gguf_file!r}: reading a GGUF file needs {' and '.join(missing)}, not installed; "
+            f"pip install -e \".[gguf]\" in the clone of unipelt (or pip install {' '.join(missing)})"
+        )
 
 
 class CausalLMModule(PELTModule):
@@ -63,7 +77,8 @@ class CausalLMModule(PELTModule):
             max_new_tokens=(max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, ">= 1"),
         )
         self.configure_method(dict(self.hparams.pelt_overrides or {}))
-        self.model = self.adapt(load_backbone(AutoModelForCausalLM, model_name_or_path, "causal LM",
+        check_gguf_packages(gguf_file)
+        self.model = self.adapt(load_backbone(AutoModelForCausalLM, model_name_or_path, "causal LM", hint=DECODER_HINT,
                                               gguf_file=gguf_file, dtype=DTYPES[dtype]))
         self.main_metric = "val/loss"  # lower is better: monitor_mode "min"
         self.val_loss = MeanMetric()  # weighted by response tokens: a token-level mean over the split
@@ -75,8 +90,8 @@ class CausalLMModule(PELTModule):
         if self._tokenizer is None:
             trainer = self.attached_trainer
             dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-            self._tokenizer = getattr(dm, "tokenizer", None) or AutoTokenizer.from_pretrained(
-                self.hparams.model_name_or_path, gguf_file=self.hparams.gguf_file)
+            self._tokenizer = getattr(dm, "tokenizer", None) or load_tokenizer(
+                self.hparams.model_name_or_path, DECODER_HINT, gguf_file=self.hparams.gguf_file)
         return self._tokenizer
 
     # ----------------------------------------------------------------------------- steps

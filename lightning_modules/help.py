@@ -40,6 +40,25 @@ commands:
 """
 DESCRIPTION = TOP_HELP.split("\n\n")[1]  # what `SUBCOMMAND --help` says the program is
 HELP_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_WHAT = {name: line.split(None, 1)[1] for line in TOP_HELP.splitlines() if line.startswith("  ")
+         for name in [line.split()[0]] if name in HELP_SUBCOMMANDS}
+# How `SUBCOMMAND --help` begins: a short usage (argparse's lists every option, 57 lines) and where things are.
+SUBCOMMAND_USAGE = "%(prog)s [-c CONFIG] [--model.OPTION VALUE] [--data.OPTION VALUE] [--trainer.OPTION VALUE] ..."
+SUBCOMMAND_HELP_GUIDE = (
+    "The options below: this program's first (--model.*: backbone, method, optimisation; --data.*: task or "
+    "files, K, batches), then Lightning's Trainer (--trainer.*: devices, precision, epochs, run folder), "
+    "the optimizer and --ckpt_path at the end. Page through them with `| less`; docs/cli.md explains "
+    "the common ones."
+)
+
+
+def subcommand_parser_kwargs(name: str) -> dict[str, str]:
+    """One subcommand's parser settings: its name (for PELTCLI.init_parser), a short usage line and a
+    description that says where the options are."""
+    what = _WHAT[name][0].upper() + _WHAT[name][1:]
+    return {"subcommand_name": name, "usage": SUBCOMMAND_USAGE, "description": f"{what}. {SUBCOMMAND_HELP_GUIDE}"}
+
+
 # What shapes a subcommand's help besides the code: the libraries whose signatures and options it lists.
 _HELP_LIBRARIES = ("torch", "pytorch-lightning", "lightning-utilities", "jsonargparse", "transformers",
                    "datasets", "torchmetrics", "peft")

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
@@ -30,10 +31,16 @@ from lightning_modules.errors import (
     TrainingDiverged,
     UsageError,
 )
-from lightning_modules.help import DESCRIPTION, HELP_SUBCOMMANDS, help_cache_file, store_help
+from lightning_modules.help import (
+    DESCRIPTION,
+    HELP_SUBCOMMANDS,
+    help_cache_file,
+    store_help,
+    subcommand_parser_kwargs,
+)
 from lightning_modules.kinds import CLASSIFICATION, SPECIAL_CKPT, RunKind, choose_kind, option_value
 from lightning_modules.predictions import PredictionWriter
-from lightning_modules.summary import SUMMARY_FILE, RunSummary
+from lightning_modules.summary import NO_TEST_FILE_NOTE, SUMMARY_FILE, RunSummary
 from unipelt import PELTError
 from unipelt.errors import one_line
 
@@ -111,7 +118,7 @@ class PELTCLI(CLIWithCheckpointCheck):
             seed_everything_default=0,
             # Each subcommand's parser is told its name (init_parser), for --predictions and the help texts.
             parser_kwargs={"description": DESCRIPTION,
-                           **{name: {"subcommand_name": name} for name in HELP_SUBCOMMANDS}},
+                           **{name: subcommand_parser_kwargs(name) for name in HELP_SUBCOMMANDS}},
         )
 
     def init_parser(self, subcommand_name: str | None = None, **kwargs: Any) -> LightningArgumentParser:
@@ -127,6 +134,18 @@ class PELTCLI(CLIWithCheckpointCheck):
                 "(a decoder: <run folder>/generations.jsonl).",
             )
         return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """``args`` given (build_cli from Python: tests, a notebook) is the whole command line; the process's
+        own `sys.argv` (pytest's, a kernel's) is not a second one, so Lightning's warning about both is moot."""
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Ours (model, data) before the Trainer's: `fit --help` lists them first."""
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # State each thing once: the backbone also gives the tokenizer; a classifier's data gives the
@@ -188,6 +207,11 @@ class PELTCLI(CLIWithCheckpointCheck):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.logger in (None, True):
             trainer.loggers = _loggers(trainer.default_root_dir)
+        bar = trainer.progress_bar_callback
+        if type(bar) is RichProgressBar and "RichProgressBar" not in str(config.trainer.get("callbacks")):
+            # Lightning draws Rich bars when rich is installed (transformers pulls it in), while transformers,
+            # datasets and gguf draw tqdm bars: one kind per run, unless the user asked for Rich.
+            trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
         trainer.callbacks.append(RunSummary(seed=config.seed_everything))
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -283,6 +307,11 @@ class PELTCLI(CLIWithCheckpointCheck):
 
     def before_test(self) -> None:
         self._check_inputs()
+
+    def after_test(self) -> None:
+        """As `fit`'s summary does: without test data the scores printed under "test" are the validation rows'."""
+        if getattr(self.datamodule, "test_is_validation", False) and self.trainer.is_global_zero:
+            print(NO_TEST_FILE_NOTE, flush=True)
 
     def before_predict(self) -> None:
         self._check_inputs()

@@ -7,6 +7,7 @@ only, with no collective call, so other ranks may already have left.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import pytorch_lightning as pl
 from lightning_modules.checkpointing import load_checkpoint_file
 from unipelt import save_pretrained
 from unipelt.atomic import write_json
+from unipelt.io import portable_name
 
 SUMMARY_FILE = "summary.json"
+NO_TEST_FILE_NOTE = "(no test file: the test scores are the validation split's)"
 
 
 class RunSummary(pl.Callback):
@@ -92,7 +95,7 @@ class RunSummary(pl.Callback):
         export = None
         if module.hparams.method != "finetune":  # fine-tuning: the checkpoint is the model
             export = save_pretrained(module.model, root / "export",
-                                     base_model_name_or_path=str(module.hparams.model_name_or_path),
+                                     base_model_name_or_path=portable_name(module.hparams.model_name_or_path),
                                      task=module.task_name, k_shot=dm.hparams.k_shot, metrics=test,
                                      **gates)
         summary = {
@@ -101,14 +104,15 @@ class RunSummary(pl.Callback):
             "method": module.hparams.method,
             "data_seed": dm.hparams.seed,
             "seed": self.seed,
-            "model_name_or_path": str(module.hparams.model_name_or_path),
+            "model_name_or_path": portable_name(module.hparams.model_name_or_path),
             "learning_rate": fit["learning_rate"],
             "optimizer": fit["optimizer"],
             "best_val": best_val,
             "test": test,
-            "best_checkpoint": fit["best"],
-            "exported_weights": str(export) if export else None,
+            "best_checkpoint": shown_path(fit["best"]) if fit["best"] else fit["best"],
+            "exported_weights": shown_path(export) if export else None,
             **module.parameter_counts(),
+            "train_examples": len(dm.datasets["train"]) if "train" in getattr(dm, "datasets", {}) else None,
             "epochs": fit["epochs"],
             "global_steps": fit["global_steps"],
             "fit_time_s": fit["fit_time_s"],
@@ -121,9 +125,27 @@ class RunSummary(pl.Callback):
         if summary.get("gates"):
             from lightning_modules.gate_plot import plot_gate_heatmap
 
-            title = f"{summary['task']} K={summary['k_shot'] or 'full'} {summary['method']}: mean gate on the test set"
+            title = f"{summary['task']}, {data_size(summary)}, {summary['method']}: mean gate on the test set"
             png = plot_gate_heatmap(summary["gates"], root / "gates.png", title)
-            print(f"gates      : {png}" if png else "gates      : (no heatmap: pip install matplotlib)", flush=True)
+            print(f"gates      : {shown_path(png)}" if png else "gates      : (no heatmap: pip install matplotlib)",
+                  flush=True)
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a user types it where the run started: relative to the working directory when it lies
+    under it (Lightning makes checkpoint paths absolute), else as it is (a folder the user placed elsewhere)."""
+    try:
+        return Path(os.path.realpath(path)).relative_to(os.path.realpath(Path.cwd())).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def data_size(summary: dict[str, Any]) -> str:
+    """``K=100``, or for the whole training set its size: ``all 300 training examples``."""
+    if summary["k_shot"]:
+        return f"K={summary['k_shot']}"
+    n = summary.get("train_examples")
+    return f"all {n:,} training examples" if n is not None else "all training examples"
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -133,17 +155,17 @@ def print_summary(summary: dict[str, Any]) -> None:
     test_time = "no test set" if summary["test_time_s"] is None else f"test {summary['test_time_s']:.1f}s"
     lines = [
         "",
-        f"== UniPELT run: {summary['task']} K={summary['k_shot'] or 'full'} method={summary['method']} "
+        f"== UniPELT run: {summary['task']}, {data_size(summary)}, method={summary['method']} "
         f"(split seed {summary['data_seed']}, training seed {summary['seed']}) ==",
         f"best dev   : {best['name']} = {value}{perplexity}",
         *(f"test       : {k} = {v:.4f}" for k, v in sorted(summary["test"].items())),
-        *(["(no test file: the test scores are the validation split's)"]
-          if summary.get("test_split", "test") != "test" else []),
+        *([NO_TEST_FILE_NOTE] if summary.get("test_split", "test") != "test" else []),
         f"checkpoint : {summary['best_checkpoint'] or '(none)'}",
         f"weights    : {summary['exported_weights'] or '(fine-tuning: the checkpoint is the model)'}",
         f"trainable  : {summary['trainable_params']:,} parameters, {summary['trainable_pct']:.2f}% of the "
         f"backbone's {summary['backbone_params']:,}",
         f"optimizer  : {summary['optimizer']}, learning rate {summary['learning_rate']:g}",
-        f"time       : fit {summary['fit_time_s']:.1f}s over {summary['epochs']} epochs, {test_time}",
+        f"time       : fit {summary['fit_time_s']:.1f}s over {summary['epochs']} epoch"
+        f"{'' if summary['epochs'] == 1 else 's'}, {test_time}",
     ]
     print("\n".join(lines), flush=True)

@@ -12,7 +12,7 @@ from . import context
 from .backbones import spec_for
 from .config import PELTConfig
 from .errors import PELTError
-from .gates import GateRequests
+from .gates import GateRequests, gate_keys
 from .heads import attach_head
 from .tuners import EXPLICIT_ATTENTION, Target
 
@@ -138,8 +138,14 @@ def config_of(model: nn.Module) -> PELTConfig:
 
 
 def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The last forward's per-example gates, e.g. ``{"layer3.adapter": tensor(batch)}``; detached, no sync."""
+    """The last forward's per-example gates, e.g. ``{"layer3.adapter": tensor(batch)}``; detached, no sync.
+
+    ``{}`` for a model without gates (an ungated method). A gate depends on the input, so before the
+    model's first forward there is nothing to report: PELTError saying so, rather than an empty dict."""
     record, weights = getattr(model.base_model, LAST_GATES, None) or ({}, None)
+    if not record and gate_keys(model):
+        raise PELTError("gate_values: no forward has run on this model yet, and a gate depends on the input; "
+                        "run a batch first (model(**batch)): then each gate's value per example of that batch")
     if record and callable(weights):
         weights = weights()
     return {key: values[:, i]

@@ -58,7 +58,7 @@ def backbone_identity(model: nn.Module, name_or_path: str | None = None) -> dict
     """Name or path of the pretrained backbone, its sizes, its labels and fingerprint."""
     cfg = model.config
     return {
-        "model_name_or_path": str(name_or_path if name_or_path is not None else (cfg.name_or_path or "")),
+        "model_name_or_path": portable_name(name_or_path if name_or_path is not None else (cfg.name_or_path or "")),
         **{k: getattr(cfg, k, None) for k in _SIZES},
         "num_labels": cfg.num_labels,
         "problem_type": cfg.problem_type,
@@ -302,6 +302,31 @@ def resolve_local(name: str | os.PathLike) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}")
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
+def portable_name(name: str | os.PathLike) -> str:
+    """The inverse of `resolve_local`: a folder inside an installed Python package (site-packages) as
+    `pkg:<module>/<sub/path>`, so what is recorded (exports, summaries) names no machine's path; anything
+    else (a hub name, a folder of your own) as it is."""
+    text = str(name)
+    if text.startswith(PACKAGE_PREFIX) or not os.path.isabs(text):
+        return text
+    import importlib.util
+    import site
+    import sysconfig
+
+    path = Path(text).resolve()
+    roots = {*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_path("purelib"),
+             sysconfig.get_path("platlib")}
+    for root in sorted((Path(r).resolve() for r in roots if r), key=lambda r: -len(r.parts)):
+        if path == root or not path.is_relative_to(root):
+            continue
+        module = path.relative_to(root).parts[0]
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+        if spec is not None and spec.submodule_search_locations and any(
+                Path(location).resolve() == root / module for location in spec.submodule_search_locations):
+            return PACKAGE_PREFIX + path.relative_to(root).as_posix()
+    return text
 
 
 def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:
