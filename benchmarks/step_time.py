@@ -12,10 +12,12 @@ ratios are to ``finetune``, inference ratios to the plain backbone (the HF model
 Every run also steps the frozen backbone (the head trains, and the embeddings' output asks for a
 gradient): the backward through every frozen layer with nothing added, the floor of any method that
 trains something in the lowest layer; "over floor" is each method's train step against it.
-Wall clock at 2 threads by default, as users run it on a laptop or a small CPU box.
+Wall clock at 2 threads by default, as users run it on a laptop or a small CPU box; ``--device cuda``
+puts models and inputs on the GPU and synchronises around every timed call.
 
     python benchmarks/step_time.py --models bert-base minilm --batch 8 --length 128 --rounds 5
     python benchmarks/step_time.py --models distilbert-base electra-base deberta-v3-base modernbert-base
+    python benchmarks/step_time.py --device cuda --models bert-base --batch 32
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -95,14 +98,18 @@ def frozen_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[], None], device: str = "cpu") -> float:
+    """Wall clock of ``fn``; on a GPU from an idle device to the end of its queued kernels."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
 def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
-    backbone = build_backbone(name)
+    backbone = build_backbone(name).to(args.device)
     vocab = backbone.config.vocab_size
     g = torch.Generator().manual_seed(0)
     inputs = {
@@ -111,7 +118,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     }
     if args.padded:  # a quarter of each row is padding, as in a length-sorted GLUE batch
         inputs["attention_mask"][:, -args.length // 4:] = 0
-    labels = torch.randint(0, 2, (args.batch,), generator=g)
+    labels = torch.randint(0, 2, (args.batch,), generator=g).to(args.device)
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
 
     methods = [*args.presets, FLOOR]
     models, optims, served = {}, {}, {}
@@ -144,9 +152,9 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
     for rnd in range(args.warmup + args.rounds):
         order = order[1:] + order[:1]
         for preset in order:
-            t_train = timed(lambda p=preset: train_step(p))
-            t_inf = timed(lambda p=preset: infer(served[p]))
-            t_base = timed(lambda: infer(backbone))  # next to each preset: same load
+            t_train = timed(lambda p=preset: train_step(p), args.device)
+            t_inf = timed(lambda p=preset: infer(served[p]), args.device)
+            t_base = timed(lambda: infer(backbone), args.device)  # next to each preset: same load
             if rnd >= args.warmup:
                 train[preset].append(t_train)
                 infer_t[preset].append(t_inf)
@@ -197,12 +205,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (models and inputs on the GPU)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
     if "finetune" not in args.presets:
         args.presets.insert(0, "finetune")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+        f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}, "
           f"length {args.length}{' (padded)' if args.padded else ''}, {args.rounds} rounds "
           f"(+{args.warmup} warm-up), {args.adamw} AdamW, medians, wall clock, load average {os.getloadavg()[0]:.1f}",
           flush=True)
@@ -211,6 +225,8 @@ def main() -> None:
         rows += bench_model(name, args)
     print_table(rows)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
