@@ -298,6 +298,14 @@ class PELTModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
 
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's, without its warning that every frozen backbone tensor is missing from the checkpoint:
+        by design (checkpoints hold the trainable tensors, and `check_checkpoint` refuses one lacking any)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
+            return super().load_from_checkpoint(*args, **kwargs)
+
     def load_trainable(self, checkpoint: dict[str, Any]) -> None:
         """Put a checkpoint's trainable tensors (checked to be this run's) into the model."""
         self.check_checkpoint(checkpoint)

@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 import lightning_modules.gate_plot
 import unipelt
 from cli import main
+from lightning_modules import UniPELTLightningModule
 from lightning_modules.run import build_cli
 from lightning_modules.summary import NO_TEST_FILE_NOTE, SUMMARY_FILE
 from tests.fixtures import write_tiny_model
@@ -115,6 +116,11 @@ def test_a_run_in_a_folder_of_its_own_prints_and_records_no_absolute_path(tmp_pa
     assert "all 20 training examples" in printed and "over 1 epoch," in printed and "K=full" not in printed
     assert titles and "all 20 training examples" in titles[0] and "K=full" not in titles[0]
     assert NO_TEST_FILE_NOTE in printed  # fit's summary says it
+
+    with warnings.catch_warnings(record=True) as caught:  # the frozen backbone is not in it, by design
+        warnings.simplefilter("always")
+        UniPELTLightningModule.load_from_checkpoint(best)
+    assert not caught, [str(w.message)[:200] for w in caught]
 
     main(["test", "--ckpt_path", summary["best_checkpoint"], *QUIET])
     tested = capsys.readouterr().out
