@@ -23,11 +23,12 @@ from tests.test_predict import write_reviews
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "tests" / "fixtures" / "run_v1"
 QUIET = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
-# The encoder summary's keys as v2 wrote them: unchanged.
+# The encoder summary's keys as v2 wrote them, plus `train_examples` (issue 27: "K=full" said too little).
 ENCODER_KEYS = {"backbone_params", "best_checkpoint", "best_val", "data_seed", "epochs", "exported_weights",
                 "fit_time_s", "gates", "global_steps", "head", "k_shot", "labels", "learning_rate", "method",
                 "model_name_or_path", "optimizer", "seed", "task", "test", "test_examples", "test_split",
-                "test_time_s", "total_params", "train_time_per_epoch_s", "trainable_params", "trainable_pct"}
+                "test_time_s", "total_params", "train_examples", "train_time_per_epoch_s", "trainable_params",
+                "trainable_pct"}
 
 
 def pinned(name: str) -> dict:
