@@ -108,6 +108,9 @@ def test_a_run_in_a_folder_of_its_own_prints_and_records_no_absolute_path(tmp_pa
     text = (run / SUMMARY_FILE).read_text()
     summary = json.loads(text)
     assert str(tmp_path) not in text and str(tmp_path) not in printed and "site-packages" not in text + printed
+    for path in run.rglob("*"):  # config.yaml, hparams.yaml, metrics.csv, the export's config and card
+        if path.suffix in (".yaml", ".json", ".md", ".csv"):
+            assert str(tmp_path) not in path.read_text(), path
     best = summary["best_checkpoint"]
     assert best.startswith(f"{run}/checkpoints/best") and Path(best).is_file()
     assert summary["exported_weights"] == f"{run}/export" and summary["model_name_or_path"] == "model"
