@@ -100,3 +100,15 @@ def write_stsb(root: Path, n_train: int = 60, n_dev: int = 21, seed: int = 0) ->
             )
         (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def enable_checkpointing(model: torch.nn.Module, enable: bool = True, **kwargs) -> None:
+    """transformers' activation checkpointing on (or off) by its current name (5.x deprecates
+    `gradient_checkpointing_enable`/`_disable`, with a FutureWarning); ``kwargs`` go to torch's checkpoint,
+    e.g. ``use_reentrant=True``."""
+    if not enable:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    elif hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)

@@ -8,6 +8,7 @@ import importlib
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from tests.fixtures import enable_checkpointing
 from unipelt import compat
 from unipelt.backbones import BACKBONES
 
@@ -59,7 +60,7 @@ def missing() -> list[str]:
     model.set_attn_implementation("eager")
     check("PretrainedConfig._attn_implementation (compat.attn_implementation)",
           lambda: compat.attn_implementation(model.config) == "eager")
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     layer = model.bert.encoder.layer[0]
     check("GradientCheckpointingLayer._gradient_checkpointing_func (compat.checkpoint_function)",
           lambda: callable(compat.checkpoint_function(layer)))

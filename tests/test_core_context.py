@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from tests.fixtures import enable_checkpointing
 from unipelt import context, gate_values
 
 try:  # works whether or not tests/ is a package
@@ -71,7 +72,7 @@ def test_nothing_of_a_batch_stays_on_modules_after_forward(family):
 def test_activation_checkpointing_gives_the_same_gradients(family):
     model = trained(family)
     expected = backward(model, family)
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     assert model.base_model.get_submodule(
         {"bert": "encoder.layer", "distilbert": "transformer.layer", "deberta-v2": "encoder.layer",
          "modernbert": "layers"}[family])[0].gradient_checkpointing
@@ -138,12 +139,12 @@ def test_reentrant_checkpointing_needs_a_folded_prefix():
     from unipelt import PELTError, fold_prefix
 
     model = trained("bert")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(model, use_reentrant=True)
     with pytest.raises(PELTError, match="use_reentrant=False.*fold_prefix"):
         backward(model, "bert")
     fold_prefix(model)
     got = backward(model, "bert")
-    model.gradient_checkpointing_disable()
+    enable_checkpointing(model, enable=False)
     assert_same(got, backward(model, "bert"), exact=False)
 
 

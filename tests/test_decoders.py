@@ -22,6 +22,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from tests.fixtures import enable_checkpointing
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, gate_values, load_pelt_state_dict, pelt_state_dict
 
 VOCAB, PAD = 61, 0
@@ -422,7 +423,7 @@ def test_activation_checkpointing_gives_a_decoder_the_same_gradients(side: str) 
     for checkpointing in (False, True):
         model = build("llama", "unipelt_apl").train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
         ids, mask = pad(rows(), side)
         model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
         results.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
