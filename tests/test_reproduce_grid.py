@@ -266,6 +266,7 @@ def test_lock_is_exclusive_and_stale_locks_are_reclaimed(tmp_path):
     assert path.read_text().split()[1] == str(os.getpid())
 
 
+@pytest.mark.slow
 def test_real_cli_grid_fails_resumes_and_reports(tmp_path):
     """2 tasks x 2 methods x 2 seeds through the real cli.py on a tiny random BERT and fixture data."""
     pytest.importorskip("cli")
