@@ -59,7 +59,7 @@ def test_classifier_fit_test_predict_on_two_processes(tmp_path):
     ckpts = sorted(p.name for p in out.rglob("*.ckpt"))
     assert len([c for c in ckpts if c.startswith("best")]) == 1, ckpts
     assert summary["test_examples"] == 21  # every test example counted once across the two ranks
-    best = summary["best_checkpoint"]
+    best = str(tmp_path / summary["best_checkpoint"])  # relative to where the CLI ran
     one = build_cli(["test", *args, "--ckpt_path", best])  # one process
     scores = {k: v for k, v in in_process_metrics(one).items() if not k.endswith("/loss")}
     assert scores == pytest.approx(summary["test"], abs=1e-6)
@@ -99,8 +99,8 @@ def test_instruction_fit_test_predict_on_two_processes(tmp_path):
     run_cli(["fit", *args, *DDP, "--trainer.max_epochs", "2"], tmp_path)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["test"] == {} and summary["best_val"]["value"] > 0
-    assert summary["exported_weights"] == str(out / "export") and (out / "export" / "unipelt_config.json").is_file()
-    best = summary["best_checkpoint"]
+    assert summary["exported_weights"] == "ddp/export" and (out / "export" / "unipelt_config.json").is_file()
+    best = str(tmp_path / summary["best_checkpoint"])  # relative to where the CLI ran
     test = [*args, "--data.test_file", str(tmp_path / "test.jsonl"), "--ckpt_path", best]
     one = in_process_metrics(build_cli(["test", *test]))
     assert set(one) == {"test/loss", "test/perplexity"}
