@@ -23,9 +23,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...backbones import BackboneSpec
+from ...backbones import BackboneSpec, spec_for
 from ...errors import PELTError
-from ..base import Merge, Target, TunerConfig
+from ..base import Merge, Target, TunerConfig, innermost, model_layer
 from .attention import use_prefix_attention
 from .deberta import DebertaV2Attention
 from .encoder import PREFIX_ATTR, PrefixEncoder
@@ -39,8 +39,10 @@ __all__ = ["EXPLICIT_ATTENTION", "PREFIX_ATTR", "PrefixConfig", "PrefixEncoder",
 
 
 def _fill_gate(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Pre-hook of a gated attention module: compute its input's gates (cached for this forward)."""
-    module.pelt_prefix_gate.bank.values(args[0] if args else kwargs["hidden_states"])
+    """Pre-hook of a gated attention module: compute its input's gates (cached for this forward); nothing
+    once `unipelt.slim` fixed or removed the gate."""
+    if module.pelt_prefix_gate is not None:
+        module.pelt_prefix_gate.bank.values(args[0] if args else kwargs["hidden_states"])
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,21 @@ class PrefixConfig(TunerConfig):
             attention.pelt_prefix_gate = target.gate(self.gate, i, "attention", "prefix")
             if self.gate and spec.explicit_attention is None:
                 attention.register_forward_pre_hook(_fill_gate, with_kwargs=True)
+
+    def settle(self, model: nn.Module, layer: int, gates: Mapping[str, float]) -> None:
+        """The prefix becomes static (``fold_prefix``); a fixed gate scales the layer's slice of it (applied
+        once to the cached prefix, not per forward), a removed one takes the layer's prefix away."""
+        encoder = prefix_encoder(model)
+        encoder.fold()
+        attention = innermost(model_layer(model, layer).get_submodule(spec_for(model).attention))  # not DeBERTa's
+        slot = attention.pelt_prefix_gate
+        if slot is None:
+            return
+        attention.pelt_prefix_gate = None
+        if slot.key in gates:
+            encoder.scale_layer(layer, gates[slot.key])
+        else:
+            attention.pelt_prefix_layer = None
 
     def saved_form(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, torch.Tensor]]:
         """An unfolded prefix is saved (and counted, as the paper counts it) as its output, the static prefix."""
