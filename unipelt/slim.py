@@ -52,7 +52,7 @@ class SlimReport:
         rows = []
         for key, value in self.gates.items():
             layer, name = key.split(".", 1)
-            sub = max((t for t in TUNERS if name == t or name.startswith(t + "_")), key=len, default=name)
+            sub = _submodule(name)
             how = "removed" if key not in self.kept else "folded" if sub in self.folded else "module"
             rows.append({"layer": int(layer.removeprefix("layer")), "gate": name, "submodule": sub,
                          "mean_gate": value, "kept": key in self.kept, "as": how})
@@ -61,7 +61,8 @@ class SlimReport:
     def markdown(self) -> str:
         """A table of layers by gates (each cell: mean gate and what became of the part), then the differences."""
         rows = self.rows()
-        names = list(dict.fromkeys(r["gate"] for r in rows))
+        order = list(TUNERS)
+        names = sorted(dict.fromkeys(r["gate"] for r in rows), key=lambda n: (order.index(_submodule(n)), n))
         layers = sorted({r["layer"] for r in rows})
         cell = {(r["layer"], r["gate"]): f"{r['mean_gate']:.3f} {r['as']}" for r in rows}
         lines = ["| layer | " + " | ".join(names) + " |", "|---:|" + "---|" * len(names)]
@@ -74,6 +75,11 @@ class SlimReport:
                   f"On the {self.examples} calibration examples: max |logit difference| {self.max_logit_diff:.3g}"
                   f"{probs}{agree}."]
         return "\n".join(lines) + "\n"
+
+
+def _submodule(gate: str) -> str:
+    """The submodule a gate scales: ``lora_query`` -> lora (the longest registered name it starts with)."""
+    return max((t for t in TUNERS if gate == t or gate.startswith(t + "_")), key=len)
 
 
 def slim(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], min_gate: float = 0.1) -> nn.Module:

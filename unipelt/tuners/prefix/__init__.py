@@ -25,7 +25,7 @@ from torch import nn
 
 from ...backbones import BackboneSpec, spec_for
 from ...errors import PELTError
-from ..base import Merge, Target, TunerConfig, innermost, model_layer
+from ..base import Merge, Target, TunerConfig, innermost
 from .attention import use_prefix_attention
 from .deberta import DebertaV2Attention
 from .encoder import PREFIX_ATTR, PrefixEncoder
@@ -72,28 +72,34 @@ class PrefixConfig(TunerConfig):
 
     def settle(self, model: nn.Module, layer: int, gates: Mapping[str, float]) -> None:
         """The prefix becomes static (``fold_prefix``); a fixed gate scales the layer's slice of it (applied
-        once to the cached prefix, not per forward), a removed one takes the layer's prefix away."""
+        once to the cached prefix, not per forward), a removed one takes the layer's prefix away; with no
+        layer left reading it, the prefix goes (nothing runs it once per forward)."""
         encoder = prefix_encoder(model)
         encoder.fold()
-        attention = innermost(model_layer(model, layer).get_submodule(spec_for(model).attention))  # not DeBERTa's
+        attentions = [innermost(block.get_submodule(spec_for(model).attention))  # DeBERTa's: the wrapped one
+                      for block in spec_for(model).layer_list(model)]
+        attention = attentions[layer]
         slot = attention.pelt_prefix_gate
-        if slot is None:
-            return
         attention.pelt_prefix_gate = None
-        if slot.key in gates:
+        if slot is not None and slot.key in gates:
             encoder.scale_layer(layer, gates[slot.key])
-        else:
+        elif slot is not None:
             attention.pelt_prefix_layer = None
+        if layer == len(attentions) - 1 and all(a.pelt_prefix_layer is None for a in attentions):
+            delattr(model.base_model, PREFIX_ATTR)
+            del model.base_model._pelt_shared[PREFIX_ATTR]
 
     def saved_form(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, torch.Tensor]]:
         """An unfolded prefix is saved (and counted, as the paper counts it) as its output, the static prefix."""
         encoder = prefix_encoder(model)
-        if encoder.folded:
+        if encoder is None or encoder.folded:  # None: `unipelt.slim` removed it from every layer
             return [], {}
         return list(encoder.parameters()), {_static_name(model): encoder.folded_value()}
 
     def load_saved_form(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
         encoder = prefix_encoder(model)
+        if encoder is None:
+            return
         if _static_name(model) in weights and not encoder.folded:
             encoder.fold()  # a folded checkpoint: the network is gone for good
         elif encoder.folded and _static_name(model) not in weights:
