@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere, no install
 import unipelt  # noqa: E402
 from datamodules import GLUEDataModule  # noqa: E402
-from datamodules.hub import resolve_local  # noqa: E402
-from unipelt.io import read_config  # noqa: E402
+from unipelt.io import read_config, resolve_local  # noqa: E402
 
 CLOCK = time.perf_counter
 

@@ -39,10 +39,6 @@ def local_path(name: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}") from None
 
 
-# lightning_modules/unipelt_module.py still imports this name; it moves to unipelt.io.resolve_local (issue 25).
-resolve_local = local_path
-
-
 def load_tokenizer(name: str | os.PathLike, **kwargs: Any) -> Any:
     """`AutoTokenizer.from_pretrained` on a folder, `pkg:` name or hub name; an unreachable hub is one line."""
     from transformers import AutoTokenizer

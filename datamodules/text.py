@@ -24,7 +24,7 @@ from transformers import DataCollatorWithPadding
 from datamodules.cache import cache_key, default_cache_dir, load_or_build, tokenize, tokenizer_identity
 from datamodules.custom import FileSource
 from datamodules.errors import DataConfigError, check_integers
-from datamodules.files import Table, read_table, task_name_of, to_dataset
+from datamodules.files import Table, read_table, to_dataset
 from datamodules.glue import PREDICT_PREFIX, GLUESource
 from datamodules.hub import load_tokenizer
 from datamodules.resumable import ResumableDataLoader
@@ -258,8 +258,6 @@ class TextDataModule(pl.LightningDataModule):
         return loaded
 
 
-# cli.py still imports this name; it moves to the public `datamodules.task_name_of` (issue 25).
-_task_name = task_name_of
 
 
 def _one_or_all(loaders: list[DataLoader]) -> DataLoader | list[DataLoader]:

@@ -10,9 +10,8 @@ as for encoders, with the same identity checks (method, backbone).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,8 @@ import torch
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_modules.base import (
-    CheckpointMismatchError,
-    ModelConfigError,
-    PELTModule,
-    check_options,
-    check_training_options,
-    saved_identity,
-)
-from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, spec_for
+from lightning_modules.base import CheckpointMismatchError, PELTModule, check_options, load_backbone
+from lightning_modules.predictions import write_generations
 from unipelt.io import identity
 
 TASK = "instruct"  # what checkpoints record as their task
@@ -42,12 +34,13 @@ class CausalLMModule(PELTModule):
         model_name_or_path: hub name or local folder of the pretrained decoder.
         gguf_file: a GGUF file inside that folder (dequantised by transformers; needs `gguf`).
         dtype: the backbone's weights' dtype (``float32``, ``bfloat16``); new submodules take it too.
-        method, pelt_overrides, learning_rate, weight_decay, warmup_ratio, adam_epsilon: as for encoders.
         max_new_tokens: tokens generated per prompt by `predict`.
         do_sample: sample instead of greedy decoding (then `generation_kwargs` may set temperature...).
         generation_kwargs: any other `generate()` keyword arguments.
-        predict_output: where `predict` writes its JSON Lines (default `<default_root_dir>/generations.jsonl`).
-        early_stopping_patience, checkpoint_every_n_steps: as for encoders (monitoring dev loss).
+        predict_output: where `predict` writes its JSON Lines (default `<run folder>/generations.jsonl`;
+            `--predictions` wins).
+        early_stopping_patience: validation rounds without a lower dev loss before stopping; None: never.
+        **kwargs: the method and training options of `PELTModule` (method, pelt_overrides, learning_rate, ...).
     """
 
     monitor_mode = "min"  # dev loss
@@ -57,64 +50,34 @@ class CausalLMModule(PELTModule):
         model_name_or_path: str = "Qwen/Qwen2.5-0.5B",
         gguf_file: str | None = None,
         dtype: str = "float32",
-        method: str = "unipelt_apl",
-        pelt_overrides: dict[str, Any] | None = None,
-        learning_rate: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
-        adam_epsilon: float = 1e-8,
         max_new_tokens: int = 64,
         do_sample: bool = False,
         generation_kwargs: dict[str, Any] | None = None,
         predict_output: str | None = None,
         early_stopping_patience: int | None = 5,
-        checkpoint_every_n_steps: int | None = 500,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        check_training_options(learning_rate, weight_decay, warmup_ratio, early_stopping_patience,
-                               checkpoint_every_n_steps)
+        super().__init__(**kwargs)
         check_options(
             dtype=(dtype, dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
             max_new_tokens=(max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, ">= 1"),
         )
-        if method not in PRESETS:
-            raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
-        self.pelt_config = PELTConfig.preset(method, **(pelt_overrides or {}))
-        self.learning_rate = learning_rate if learning_rate is not None else PRESETS[method].learning_rate
-        self.model = self._build_model()
-        self.strict_loading = False  # checkpoints hold only the trainable tensors
+        self.configure_method(dict(self.hparams.pelt_overrides or {}))
+        self.model = self.adapt(load_backbone(AutoModelForCausalLM, model_name_or_path, "causal LM",
+                                              gguf_file=gguf_file, dtype=DTYPES[dtype]))
         self.main_metric = "val/loss"  # lower is better: monitor_mode "min"
         self.val_loss = MeanMetric()  # weighted by response tokens: a token-level mean over the split
         self.test_loss = MeanMetric()
         self._tokenizer: Any = None
-        self._generations: dict[int, str] = {}
-
-    # ----------------------------------------------------------------------------- model
-    def _build_model(self) -> torch.nn.Module:
-        h = self.hparams
-        try:
-            model = AutoModelForCausalLM.from_pretrained(h.model_name_or_path, gguf_file=h.gguf_file,
-                                                         dtype=DTYPES[h.dtype])
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise ModelConfigError(
-                f"--model.model_name_or_path {str(h.model_name_or_path)!r} is not a causal LM folder or hub "
-                f"name ({first})"
-            ) from None
-        return apply_pelt(model, self.pelt_config).train()  # from_pretrained returns eval mode
 
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            trainer = self.attached_trainer
+            dm = getattr(trainer, "datamodule", None) if trainer is not None else None
             self._tokenizer = getattr(dm, "tokenizer", None) or AutoTokenizer.from_pretrained(
                 self.hparams.model_name_or_path, gguf_file=self.hparams.gguf_file)
         return self._tokenizer
-
-    @property
-    def max_input_length(self) -> int:
-        return spec_for(self.model).max_input_length(self.model.config)
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -153,27 +116,15 @@ class CausalLMModule(PELTModule):
         return tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[tuple[int, str]]:
+        """(row number in the input file, generation) per prompt."""
         texts = self.generate(batch["input_ids"], batch["attention_mask"])
-        pairs = list(zip(batch["row"].tolist(), texts, strict=True))
-        self._generations.update(pairs)
-        return pairs
+        return list(zip(batch["row"].tolist(), texts, strict=True))
 
-    def on_predict_epoch_start(self) -> None:
-        self._generations = {}
+    def predictions_path(self, datamodule: Any, given: str | None, run_folder: Path) -> Path:
+        return Path(given or self.hparams.predict_output or run_folder / "generations.jsonl")
 
-    def on_predict_epoch_end(self) -> None:
-        """Write every input row with its generation, in the input file's order (one process)."""
-        if self.trainer.world_size > 1:
-            raise RuntimeError("predict writes its file from one process; run it without DDP")
-        rows = self.trainer.datamodule.predict_rows
-        path = Path(self.hparams.predict_output or Path(self.trainer.default_root_dir) / "generations.jsonl")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            for i, row in enumerate(rows):
-                f.write(json.dumps({**row, "generation": self._generations[i]}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        self.predictions_path = path
+    def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
+        return [write_generations(datamodule.predict_rows, outputs[0], target)]
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
@@ -182,12 +133,25 @@ class CausalLMModule(PELTModule):
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Raise CheckpointMismatchError naming what differs (method, backbone, task) if `checkpoint` is not ours."""
-        saved = saved_identity(checkpoint, self.model)
+        saved = self.saved_identity(checkpoint)
         if saved.get("task") != TASK:
             raise CheckpointMismatchError(f"task differs: the checkpoint was trained on {saved.get('task')!r}, "
                                           f"not on instruction data")
         self.check_complete(checkpoint)
 
-    def parameter_counts(self) -> dict[str, int]:
-        return {"trainable_params": count_trainable(self.model),
-                "total_params": sum(p.numel() for p in self.model.parameters())}
+    # ----------------------------------------------------------------------------- the end of a run
+    @property
+    def task_name(self) -> str:
+        return TASK
+
+    def tests_after_fit(self, datamodule: Any) -> bool:
+        """Only with a test set (a test file, or a hub dataset's test split): dev loss is the model selection."""
+        h = datamodule.hparams
+        return bool(h.test_file or (h.dataset and h.test_split))
+
+    def test_scores(self, metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return {k: float(v) for k, v in metrics.items()}  # the loss is the score (and perplexity its exponential)
+
+    def summary_fields(self, datamodule: Any, best_val: dict[str, Any]) -> dict[str, Any]:
+        value = best_val["value"]
+        return {"best_val": {**best_val, "perplexity": None if value is None else math.exp(value)}}

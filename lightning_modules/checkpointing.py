@@ -13,8 +13,8 @@ Every checkpoint is read with `torch.load(weights_only=True)`: tensors, containe
 and the few types in `SAFE_CHECKPOINT_TYPES`. A file that would need anything else (a class, a
 function) is refused in one line naming the file and the global it asked for; nothing in it runs.
 
-Exact resume leans on a few private names of Lightning (`LIGHTNING_PRIVATE_API`), checked by
-`missing_lightning_private_api()` and a test: setup.cfg pins the range they were verified on.
+Exact resume leans on a few private names of Lightning, reached through `compat.py` (which lists
+them and checks that they exist).
 """
 
 from __future__ import annotations
@@ -29,11 +29,19 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_fabric.utilities import seed as fabric_seed
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loops import _FitLoop
-from pytorch_lightning.utilities import CombinedLoader
+from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.trainer.states import TrainerFn
+
+from lightning_modules import compat
+from lightning_modules.errors import CheckpointFileError
+from unipelt.atomic import atomic_write
+from unipelt.errors import one_line
+
+try:
+    import fcntl
+except ImportError:  # Windows: temporary files of killed writers stay
+    fcntl = None
 
 CHECKPOINT_KEY = "unipelt"
 # Beyond tensors and plain containers: what a checkpoint of ours may hold. Paths appear when a module
@@ -48,48 +56,6 @@ SAFE_CHECKPOINT_TYPES: tuple[type, ...] = (
 # Registered for the whole process, so that Lightning's own loaders (`load_from_checkpoint`, which
 # torch.load with weights_only=True by default) read our checkpoints too.
 torch.serialization.add_safe_globals(list(SAFE_CHECKPOINT_TYPES))
-SUPPORTED_LIGHTNING = ">=2.4,<2.7"  # as in setup.cfg: the private names below are in 2.4.0, 2.5.5 and 2.6.6
-# (owner, attribute): what exact resume uses that is not Lightning's public API.
-LIGHTNING_PRIVATE_API: tuple[tuple[Any, str], ...] = (
-    (fabric_seed, "_collect_rng_states"),
-    (fabric_seed, "_set_rng_states"),
-    (ModelCheckpoint, "_save_last_checkpoint"),
-    (ModelCheckpoint, "_should_save_on_train_epoch_end"),
-    (ModelCheckpoint, "_monitor_candidates"),
-    (CombinedLoader, "_load_state_dicts"),
-    (_FitLoop, "_combined_loader"),  # instance attributes of trainer.fit_loop
-    (_FitLoop, "_combined_loader_states_to_load"),
-)
-
-
-def missing_lightning_private_api() -> list[str]:
-    """Names of `LIGHTNING_PRIVATE_API` this Lightning lacks (empty when exact resume can work)."""
-    fit_loop = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, accelerator="cpu", devices=1).fit_loop
-    missing = []
-    for owner, name in LIGHTNING_PRIVATE_API:
-        present = hasattr(fit_loop, name) if owner is _FitLoop else callable(getattr(owner, name, None))
-        if not present:
-            missing.append(f"{getattr(owner, '__name__', owner)}.{name}")
-    return missing
-
-
-def _private_api_error(name: str) -> RuntimeError:
-    import pytorch_lightning
-
-    return RuntimeError(
-        f"exact resume needs Lightning's private {name}, which pytorch-lightning {pytorch_lightning.__version__} "
-        f"lacks; install pytorch-lightning{SUPPORTED_LIGHTNING} (the range unipelt is tested on)"
-    )
-
-
-class CheckpointFileError(ValueError):
-    """A --ckpt_path that is missing, truncated, not a torch checkpoint, or not written by unipelt."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
@@ -108,7 +74,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
     except pickle.UnpicklingError as err:
         if not re.search(r"GLOBAL|allowlisted|Can only", str(err)):  # e.g. "Unsupported operand": damaged
             raise CheckpointFileError(
-                f"--ckpt_path {str(path)!r}: unreadable checkpoint, truncated or corrupt ({_first_line(err)})"
+                f"--ckpt_path {str(path)!r}: unreadable checkpoint, truncated or corrupt ({one_line(err, 160)})"
             ) from None
         raise CheckpointFileError(
             f"--ckpt_path {str(path)!r}: refused: loading it asks for {_unsafe_global(err)}, which a checkpoint of "
@@ -116,7 +82,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointFileError(
-            f"--ckpt_path {str(path)!r}: unreadable checkpoint, truncated or corrupt ({_first_line(err)})"
+            f"--ckpt_path {str(path)!r}: unreadable checkpoint, truncated or corrupt ({one_line(err, 160)})"
         ) from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         raise CheckpointFileError(
@@ -132,28 +98,21 @@ def _unsafe_global(err: BaseException) -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to `.<name>.<pid>.tmp` beside the target, fsync, then `os.replace`: never half a checkpoint."""
+    """torch.save through `unipelt.atomic.atomic_write` (a temporary file beside the target, fsynced, then
+    renamed): never half a checkpoint. The writer holds a lock on its temporary file, so the next save
+    can tell the temporary files of killed writers (unlocked) from a live one's and remove them."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(target, "wb", fsync=True) as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            torch.save(checkpoint, f)
         _fsync_dir(target.parent)
-        # Temporary files of processes killed while saving: nothing refers to them.
         for stale in target.parent.glob(f".{target.name}.*.tmp"):
-            if stale != tmp and not _pid_alive(stale):
-                stale.unlink(missing_ok=True)
+            _remove_if_abandoned(stale)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint_file(path, map_location=map_location)
@@ -172,20 +131,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(tmp: Path) -> bool:
+def _remove_if_abandoned(tmp: Path) -> None:
+    """Delete a temporary checkpoint nobody holds the lock of (its writer was killed mid-save)."""
+    if fcntl is None:
+        return
     try:
-        pid = int(tmp.name.rsplit(".", 2)[-2])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+        with open(tmp, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            tmp.unlink(missing_ok=True)
+    except OSError:  # locked by a live writer, or already gone
+        pass
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -200,19 +155,17 @@ class LastCheckpoint(ModelCheckpoint):
         return type(self).__name__
 
     def _should_skip_last(self, trainer: pl.Trainer) -> bool:
-        from pytorch_lightning.trainer.states import TrainerFn
-
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Also when a step checkpoint was written at this very step: the one after validation holds
         # the new dev score, the best-checkpoint bookkeeping and early stopping's count.
-        if not self._should_skip_last(trainer) and not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not self._should_skip_last(trainer) and not compat.saves_at_train_epoch_end(self, trainer):
+            compat.save_last(self, trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._should_skip_last(trainer) and self._should_save_on_train_epoch_end(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if not self._should_skip_last(trainer) and compat.saves_at_train_epoch_end(self, trainer):
+            compat.save_last(self, trainer)
 
 
 class ExactResume(pl.Callback):
@@ -230,9 +183,7 @@ class ExactResume(pl.Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        if not hasattr(fabric_seed, "_collect_rng_states"):
-            raise _private_api_error("lightning_fabric.utilities.seed._collect_rng_states")
-        states = fabric_seed._collect_rng_states(include_cuda=torch.cuda.is_available())
+        states = compat.collect_rng_states()
         if "numpy" in states:  # plain lists: the checkpoint stays loadable with torch.load(weights_only=True)
             kind, keys, pos, has_gauss, gauss = states["numpy"]
             states["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss))
@@ -242,15 +193,7 @@ class ExactResume(pl.Callback):
         self._pending = state_dict.get("rng")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        for name in ("_combined_loader_states_to_load", "_combined_loader"):
-            if not hasattr(fit_loop, name):  # silently skipping would resume at the wrong batch
-                raise _private_api_error(f"_FitLoop.{name}")
-        states = fit_loop._combined_loader_states_to_load
-        loader = fit_loop._combined_loader
-        if states and loader is not None:
-            loader._load_state_dicts(states)
-            fit_loop._combined_loader_states_to_load = []
+        compat.restore_train_loader_position(trainer)
         # The RNG goes back here, after the sanity check and before anything the killed run would
         # have done next: a validation it did not finish (which draws a seed for its loader), a step.
         if self._pending is not None:
@@ -262,7 +205,5 @@ class ExactResume(pl.Callback):
 
                 kind, keys, pos, has_gauss, gauss = state["numpy"]
                 state["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss)
-            if not hasattr(fabric_seed, "_set_rng_states"):
-                raise _private_api_error("lightning_fabric.utilities.seed._set_rng_states")
-            fabric_seed._set_rng_states(state)
+            compat.set_rng_states(state)
             self._pending = None

@@ -1,29 +1,64 @@
-"""Writing `predict`'s outputs: your file's rows with their predictions, or GLUE's leaderboard files."""
+"""Writing `predict`'s outputs: one file (or GLUE's leaderboard files) in the input's order, from every rank.
+
+`PredictionWriter` collects each rank's `predict_step` outputs, gathers them on rank 0 (under DDP each
+rank predicts a share of the rows) and has the module write them: a classifier writes your file's
+rows with their predictions or GLUE's leaderboard files, a decoder writes each row with its generation.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 from datamodules.tasks import TaskInfo
+from unipelt.atomic import atomic_write
+
+FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".json")  # what your file's predictions can be written as
 
 
-def _per_loader(outputs: Any, n: int) -> list[list[dict[str, Any]]]:
-    """Lightning returns a list of batch outputs for one loader, a list of such lists for several."""
-    if n == 1:
-        return [list(outputs or [])]
-    return [list(o or []) for o in outputs]
+class PredictionWriter(pl.Callback):
+    """Every rank's `predict_step` outputs, gathered on rank 0 and written there by the module to ``target``."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.written: list[Path] = []
+        self._outputs: list[list[Any]] = []
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._outputs = [[] for _ in trainer.num_predict_batches]
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._outputs[dataloader_idx].append(outputs)
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        outputs = gather_on_rank_zero(self._outputs, trainer.world_size)
+        self._outputs = []
+        if trainer.is_global_zero:
+            self.written = pl_module.write_predictions(outputs, trainer.datamodule, self.target)
+            for path in self.written:
+                print(f"predictions: {path}", flush=True)
 
 
-def _gather(batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def gather_on_rank_zero(per_loader: list[list[Any]], world_size: int) -> list[list[Any]]:
+    """Each loader's batch outputs from every rank, on rank 0 (other ranks get theirs back)."""
+    if world_size == 1:
+        return per_loader
+    dist = torch.distributed
+    ranks: list[Any] | None = [None] * world_size if dist.get_rank() == 0 else None
+    dist.gather_object(per_loader, ranks, dst=0)
+    if ranks is None:
+        return per_loader
+    return [[batch for rank in ranks for batch in rank[i]] for i in range(len(per_loader))]
+
+
+# ----------------------------------------------------------------------------- a classifier's predictions
+def _rows_in_order(batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Concatenate batch outputs and put the rows back in input order (evaluation runs longest first)."""
     merged = {k: torch.cat([b[k] for b in batches]) for k in batches[0]} if batches else {}
     if not merged:
@@ -43,23 +78,10 @@ def prediction_values(rows: dict[str, torch.Tensor], task: TaskInfo, label_ids: 
     return [task.label_names[int(v)] for v in rows["prediction"].tolist()]
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[IO[str]]:
-    """Write beside the target and rename: a reader never sees half a file, a failure leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_predictions(outputs: Any, dm: Any, task: TaskInfo, target: Path) -> list[Path]:
+def write_predictions(outputs: list[list[dict[str, Any]]], dm: Any, task: TaskInfo, target: Path) -> list[Path]:
+    """``outputs``: one list of batch outputs per predict loader (in `dm.predict_splits`' order)."""
     splits = dm.predict_splits  # {split: output name}, in the loaders' order
-    per_loader = [_gather(b) for b in _per_loader(outputs, len(splits))]
+    per_loader = [_rows_in_order(batches) for batches in outputs]
     if dm.predict_file is not None:
         return [write_file_predictions(dm.predict_table().columns, per_loader[0], task, target)]
     return [
@@ -81,7 +103,7 @@ def write_file_predictions(columns: dict[str, list[Any]], rows: dict[str, torch.
             out[f"prob_{label}"] = [round(float(p), 6) for p in rows["probs"][:, j].tolist()]
     names = list(out)
     suffix = path.suffix.lower()
-    with _atomic(path) as f:
+    with atomic_write(path, newline="") as f:
         if suffix in (".jsonl", ".json"):
             for i in range(n):
                 f.write(json.dumps({k: out[k][i] for k in names}, ensure_ascii=False) + "\n")
@@ -98,8 +120,21 @@ def write_glue_submission(rows: dict[str, torch.Tensor], task: TaskInfo, path: P
     MRPC, QQP; names for MNLI, QNLI, RTE and AX; scores for STS-B)."""
     values = prediction_values(rows, task, label_ids=task.submission_label_ids and not ax)
     index = rows["idx"].tolist() if rows else []
-    with _atomic(path) as f:
+    with atomic_write(path, newline="") as f:
         f.write("index\tprediction\n")
         for i, v in zip(index, values, strict=True):
             f.write(f"{i}\t{v:.3f}\n" if isinstance(v, float) else f"{i}\t{v}\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- a decoder's generations
+def write_generations(rows: list[dict[str, Any]], outputs: list[list[tuple[int, str]]], path: Path) -> Path:
+    """Every input row with its `generation` (``outputs``: batches of (row number, text)), as JSON Lines
+    in the input file's order."""
+    generations = dict(pair for batch in outputs for pair in batch)
+    if missing := [i for i in range(len(rows)) if i not in generations]:
+        raise RuntimeError(f"generated {len(generations)} rows of {len(rows)} (row {missing[0]} missing)")
+    with atomic_write(path) as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({**row, "generation": generations[i]}, ensure_ascii=False) + "\n")
     return path

@@ -7,31 +7,22 @@ frozen backbone (it is rebuilt from `model_name_or_path` when a checkpoint is lo
 
 from __future__ import annotations
 
-import logging
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torchmetrics import MetricCollection
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
-from datamodules.hub import MODEL_HINT, prepare_for, resolve_local, unreachable
 from datamodules.tasks import TaskInfo, task_from
-from lightning_modules.base import (
-    CheckpointMismatchError,
-    ModelConfigError,
-    PELTModule,
-    check_options,
-    check_training_options,
-    saved_identity,
-)
+from lightning_modules.base import CheckpointMismatchError, ModelConfigError, PELTModule, check_options, load_backbone
+from lightning_modules.errors import UsageError
 from lightning_modules.metrics import make_metric
-from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, gate_values, spec_for
+from lightning_modules.predictions import FILE_FORMATS, write_predictions
+from unipelt import gate_values
 from unipelt.io import identity
+
+__all__ = ["CheckpointMismatchError", "ModelConfigError", "UniPELTLightningModule"]
 
 
 class UniPELTLightningModule(PELTModule):
@@ -41,53 +32,29 @@ class UniPELTLightningModule(PELTModule):
         model_name_or_path: hub name or local folder of the pretrained backbone.
         task: a GLUE task name, or a task read from your files (`TaskInfo.to_dict()`); the CLI hands
             over the data module's, which sets the labels (the model's id2label) and the metrics.
-        method: a preset of `unipelt.PRESETS` (case-insensitive).
-        pelt_overrides: per-hyperparameter overrides of the preset, e.g. ``{"lora_r": 16}``.
-        learning_rate: AdamW learning rate; None takes the method's default.
-        weight_decay: AdamW weight decay of the trainable weights (not biases or LayerNorms).
-        warmup_ratio: fraction of the training steps with linear warm-up.
-        adam_epsilon: AdamW's epsilon.
-        early_stopping_patience: validation rounds without improvement before stopping; None: never.
-        checkpoint_every_n_steps: also write `last.ckpt` every this many optimizer steps, so a killed
-            run resumes (`--ckpt_path last`) mid-epoch; 0 or None: only after each validation.
         head: the classification head, one of `unipelt.HEADS` (pooler, pooler_trainable, mean, cls_mlp;
             docs/method.md#heads); None: `pelt_overrides`' head, else `pooler` (the paper's).
+        early_stopping_patience: validation rounds without improvement before stopping; None: never.
+        **kwargs: the method and training options of `PELTModule` (method, pelt_overrides, learning_rate, ...).
     """
 
     def __init__(
         self,
         model_name_or_path: str = "bert-base-uncased",
         task: str | dict[str, Any] = "rte",
-        method: str = "unipelt_apl",
-        pelt_overrides: dict[str, Any] | None = None,
-        learning_rate: float | None = None,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
-        adam_epsilon: float = 1e-8,
-        early_stopping_patience: int | None = 10,
-        checkpoint_every_n_steps: int | None = 500,
         head: str | None = None,
+        early_stopping_patience: int | None = 10,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        check_training_options(learning_rate, weight_decay, warmup_ratio, early_stopping_patience,
-                               checkpoint_every_n_steps)
+        super().__init__(**kwargs)
         self.task_info: TaskInfo = task_from(task)
-        method = str(method).lower()
-        self.hparams.method = method
-        if method not in PRESETS:
-            raise PELTError(f"--model.method {method!r} is not a preset; choose one of {', '.join(PRESETS)}")
-        _check_overrides_used(method, pelt_overrides or {})
-        overrides = dict(pelt_overrides or {})
+        overrides = dict(self.hparams.pelt_overrides or {})
         if head is not None:  # --model.head feeds the PELTConfig like an override
             check_options(head=(head, overrides.get("head", head) == head,
                                  f"the head pelt_overrides gives ({overrides.get('head')!r}), or left unset"))
             overrides["head"] = head
-        self.pelt_config = PELTConfig.preset(method, **overrides)
-        self.learning_rate = learning_rate if learning_rate is not None else PRESETS[method].learning_rate
+        self.configure_method(overrides)
         self.model = self._build_model()
-        # Checkpoints hold only the trainable tensors; the frozen rest comes from model_name_or_path.
-        self.strict_loading = False
         self.main_metric = f"val/{self.task_info.main_metric}"
         self.val_metrics = self._metrics("val/")
         self.test_metrics = torch.nn.ModuleList(self._metrics(f"{split}/") for split in self.task_info.test_splits)
@@ -99,46 +66,12 @@ class UniPELTLightningModule(PELTModule):
     # ----------------------------------------------------------------------------- model
     def _build_model(self) -> torch.nn.Module:
         task = self.task_info
-        path = self.hparams.model_name_or_path
-        labels = {"id2label": dict(enumerate(task.label_names))} if task.label_names else {}
-        prepare_for(path)
-        try:
-            local = resolve_local(path)
-            config = AutoConfig.from_pretrained(
-                local,
-                num_labels=task.num_labels,
-                problem_type="regression" if task.is_regression else "single_label_classification",
-                **labels,
-                **({"label2id": {n: i for i, n in enumerate(task.label_names)}} if labels else {}),
-            )
-            with _quiet_load_report():
-                model, info = AutoModelForSequenceClassification.from_pretrained(
-                    local, config=config, output_loading_info=True
-                )
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            if (hub := unreachable(str(path), "--model.model_name_or_path", MODEL_HINT)) is not None:
-                raise hub from None
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise ModelConfigError(
-                f"--model.model_name_or_path {str(path)!r} is not a Hugging Face model folder or hub name ({first})"
-            ) from None
-        # The new head is expected (it trains, or comes from the checkpoint); a missing backbone weight is not.
-        prefix = f"{model.base_model_prefix}."
-        if odd := sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefix)):
-            warnings.warn(
-                f"--model.model_name_or_path {str(path)!r}: {len(odd)} backbone weights are not in its files and "
-                f"start random, e.g. {odd[0]}",
-                stacklevel=2,
-            )
-        self.backbone_params = sum(p.numel() for p in model.base_model.parameters())
-        # from_pretrained returns eval mode and Lightning keeps each module's mode: without .train()
-        # the backbone's dropout would stay off during training.
-        return apply_pelt(model, self.pelt_config).train()
-
-    @property
-    def max_input_length(self) -> int:
-        """Longest input the backbone's position embeddings allow (the family's position offset removed)."""
-        return spec_for(self.model).max_input_length(self.model.config)
+        labels = {"id2label": dict(enumerate(task.label_names)),
+                  "label2id": {n: i for i, n in enumerate(task.label_names)}} if task.label_names else {}
+        problem = "regression" if task.is_regression else "single_label_classification"
+        model = load_backbone(AutoModelForSequenceClassification, self.hparams.model_name_or_path,
+                              config={"num_labels": task.num_labels, "problem_type": problem, **labels})
+        return self.adapt(model)
 
     def _metrics(self, prefix: str) -> MetricCollection:
         return MetricCollection({m: make_metric(m, self.task_info) for m in self.task_info.metrics}, prefix=prefix)
@@ -222,7 +155,7 @@ class UniPELTLightningModule(PELTModule):
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Raise CheckpointMismatchError naming what differs (method, backbone or task) if `checkpoint` is not ours."""
-        saved = saved_identity(checkpoint, self.model)
+        saved = self.saved_identity(checkpoint)
         if saved["task"] != self.task_info.name:
             raise CheckpointMismatchError(
                 f"task differs: the checkpoint was trained on {saved['task']!r} "
@@ -235,64 +168,30 @@ class UniPELTLightningModule(PELTModule):
             )
         self.check_complete(checkpoint)
 
-    # ----------------------------------------------------------------------------- reporting
-    def parameter_counts(self) -> dict[str, Any]:
-        """Trainable parameters as the paper counts them, and as a share of the pretrained backbone alone
-        (without head or added modules): the one percentage the summary, the log and the report show."""
-        trainable = count_trainable(self.model)
+    # ----------------------------------------------------------------------------- the end of a run
+    @property
+    def task_name(self) -> str:
+        return self.task_info.name
+
+    def summary_fields(self, datamodule: Any, best_val: dict[str, Any]) -> dict[str, Any]:
         return {
-            "trainable_params": trainable,
-            "total_params": sum(p.numel() for p in self.model.parameters()),
-            "backbone_params": self.backbone_params,
-            "trainable_pct": 100.0 * trainable / max(1, self.backbone_params),
+            "head": self.pelt_config.head,
+            "labels": list(self.task_info.label_names),
+            "test_split": "validation" if getattr(datamodule, "test_is_validation", False) else "test",
+            "test_examples": self.last_test_examples,
+            "gates": self.last_test_gates,
         }
 
+    def predictions_path(self, datamodule: Any, given: str | None, run_folder: Path) -> Path:
+        """Your file's rows: `given` (.csv, .tsv, .jsonl), else `<run>/predictions/<file>.csv`; a GLUE
+        test set: a folder of leaderboard files, `given` else `<run>/predictions/`."""
+        predict_file = datamodule.predict_file
+        if given is None:
+            folder = run_folder / "predictions"
+            return folder / f"{Path(predict_file).stem}.csv" if predict_file else folder
+        if predict_file is not None and Path(given).suffix.lower() not in FILE_FORMATS:
+            raise UsageError(f"--predictions {given!r}: give a .csv, .tsv or .jsonl file for --data.predict_file")
+        return Path(given)
 
-def _check_overrides_used(method: str, overrides: dict[str, Any]) -> None:
-    """`{adapter_bottleneck: 64}` with `lora` would change nothing: an error, never a silent no-op."""
-    config = PELTConfig.preset(method, **{k: v for k, v in overrides.items() if k in ("adapter", "prefix", "lora")})
-    for key in overrides:
-        submodule = key.split("_", 1)[0]
-        if "_" in key and submodule in ("adapter", "prefix", "lora") and not getattr(config, submodule):
-            used = [m for m in ("adapter", "prefix", "lora") if getattr(config, m)]
-            raise ModelConfigError(
-                f"--model.pelt_overrides {key}: method {method!r} has no {submodule}, so it would change nothing "
-                f"(its submodules: {', '.join(used) or 'none'}; add `{submodule}: true` to include one)"
-            )
-
-
-@contextmanager
-def _quiet_load_report() -> Iterator[None]:
-    """transformers' load report says the new head is "newly initialized ... train on a downstream task":
-    true and useless here (the head trains, or comes from the checkpoint). Missing backbone weights are
-    warned about by the caller instead."""
-    logs = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(logs, levels, strict=True):
-            log.setLevel(level)
-
-
-class EpochTimer(pl.Callback):
-    """Wall time of each training epoch (without validation), for the efficiency table."""
-
-    def __init__(self) -> None:
-        self.epoch_times: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._start:  # validation inside fit ends the epoch's training part
-            self.epoch_times.append(time.perf_counter() - self._start)
-            self._start = 0.0
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._start:
-            self.epoch_times.append(time.perf_counter() - self._start)
-            self._start = 0.0
+    def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
+        return write_predictions(outputs, datamodule, self.task_info, target)

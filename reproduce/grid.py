@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+from unipelt.atomic import write_json
+
 from . import locks
 from .results import portable
 from .tasks import METHODS, TASKS, k_tag
@@ -53,9 +55,12 @@ def default_cli() -> list[str]:
     script = Path(sys.executable).parent / ("unipelt.exe" if os.name == "nt" else "unipelt")
     if script.is_file():
         return [str(script)]
-    import cli
+    from importlib.util import find_spec
 
-    return [sys.executable, str(Path(cli.__file__).resolve())]
+    spec = find_spec("cli")  # its file, without importing it
+    if spec is None or spec.origin is None:
+        raise RuntimeError("no cli.py beside this package and no `unipelt` script beside this Python")
+    return [sys.executable, str(Path(spec.origin).resolve())]
 
 
 @dataclass(frozen=True)
@@ -160,12 +165,6 @@ def status(run_dir: Path) -> str | None:
     return m.get("status") if m else None
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _tail(path: Path, n: int = LOG_TAIL_LINES) -> list[str]:
     try:
         return path.read_text(errors="replace").splitlines()[-n:]
@@ -251,7 +250,7 @@ def execute(
             seed=run.seed,
         )
     record = portable(record, opts.cwd or Path.cwd())  # paths from the grid's folder, not this machine's root
-    write_json_atomic(run_dir / "metrics.json", record)
+    write_json(run_dir / "metrics.json", record)
     return record
 
 
@@ -311,7 +310,7 @@ def _write_plan(runs: Sequence[Run], out: Path) -> None:
     """Record what this invocation meant to run, so the report can tell complete cells."""
     plans = out / ".plans"
     plans.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
+    write_json(
         plans / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json", {"runs": [r.as_dict() for r in runs]}
     )
 
@@ -429,7 +428,7 @@ def run_grid(runs: Sequence[Run], opts: GridOptions) -> GridResult:
             except Exception as e:  # the grid goes on; the run is recorded as failed
                 rec = {"run": run.as_dict(), "status": "failed", "error": repr(e)}
                 (opts.out / run.rel_dir).mkdir(parents=True, exist_ok=True)
-                write_json_atomic(opts.out / run.rel_dir / "metrics.json", rec)
+                write_json(opts.out / run.rel_dir / "metrics.json", rec)
             finally:
                 active.pop(i, None)
                 locks.release(lock)

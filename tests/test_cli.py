@@ -12,7 +12,9 @@ import pytest
 import torch
 import yaml
 
-from cli import SUMMARY_FILE, build_cli, main
+from cli import main
+from lightning_modules import help as kept_help
+from lightning_modules.run import SUMMARY_FILE, build_cli
 from tests.fixtures import write_rte, write_stsb, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +144,19 @@ def test_unknown_method_is_one_line_exit_2(tiny_model, glue_dir, tmp_path, capsy
     assert "lorra" in err and "unipelt_apl" in err and "Traceback" not in err
 
 
+def test_an_override_of_a_submodule_the_method_lacks_is_one_line_exit_2(tiny_model, glue_dir, tmp_path, capsys):
+    """unipelt's preset refuses it (it would change nothing); the CLI says so in one line."""
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", *common_args(tiny_model, glue_dir, out, method="LoRA"),
+              "--model.pelt_overrides", "{adapter_bottleneck: 64}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1]
+    assert line.startswith("error: adapter_bottleneck does not apply") and "'lora' has no adapter" in line, err
+    assert "Traceback" not in err and not out.exists()
+
+
 GLUE_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.stem not in ("quickstart", "instruct_example"))
 
 
@@ -155,31 +170,6 @@ def test_every_shipped_config_parses(config, capsys):
     assert printed["data"]["task"] == task
     assert printed["data"]["k_shot"] == (None if size == "full" else int(size[1:]))
     assert printed["model"]["method"] == "unipelt_apl"
-
-
-def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def test_ddp_two_processes_fit_and_exact_test_metrics(tiny_model, glue_dir, tmp_path):
-    """2 CPU processes (gloo): fit writes one checkpoint; testing it on an odd-sized test set (21
-    examples: the default sampler would pad one shard) gives exactly the 1-process metrics."""
-    out = tmp_path / "ddp"
-    args = common_args(tiny_model, glue_dir, out)
-    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    fit = _run_cli(["fit", *args, *ddp, "--trainer.max_epochs", "1", "--model.learning_rate", "0.01"], tmp_path)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    summary = json.loads((out / SUMMARY_FILE).read_text())
-    ckpts = sorted(p.name for p in out.rglob("*.ckpt"))
-    assert len([c for c in ckpts if c.startswith("best")]) == 1, ckpts
-    assert summary["test_examples"] == 21  # every test example counted once across the two ranks
-
-    single = build_cli(["test", *args, "--ckpt_path", summary["best_checkpoint"]])
-    one = {k: float(v) for k, v in single.trainer.callback_metrics.items() if k.startswith("test/") and "loss" not in k}
-    assert one == pytest.approx(summary["test"], abs=1e-6)
 
 
 def test_quickstart_config_loads_with_the_shipped_data(capsys):
@@ -199,8 +189,8 @@ def test_quickstart_config_loads_with_the_shipped_data(capsys):
     assert choose_text_fields(tables["train"], data["text_fields"]) == tuple(data["text_fields"])
     folder = Path(data["train_file"]).parent
     assert "Licence" in (ROOT / folder / "README.md").read_text()
-    from datamodules.hub import resolve_local
     from tests.test_data_helpers import minilm_path
+    from unipelt.io import resolve_local
 
     if minilm_path() is not None:  # CI installs it; the path is found, not written in the config
         assert Path(resolve_local(model["model_name_or_path"])) == minilm_path()
@@ -273,7 +263,9 @@ def test_help_explains_every_model_and_data_option_and_lists_the_commands(capsys
         described[m.group(1)] = body.split("(type:")[0].strip()
     assert len(described) >= 25 and "--data.train_file" in described and "--model.method" in described
     assert not [name for name, body in described.items() if not body], described
-    assert "{finetune,bitfit,adapter,prefix,lora,unipelt_ap" in text  # the methods are listed
+    from unipelt import PRESETS
+
+    assert set(PRESETS) <= set(re.findall(r"\w+", described["--model.method"]))  # the methods are listed
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     top = capsys.readouterr().out
@@ -281,10 +273,8 @@ def test_help_explains_every_model_and_data_option_and_lists_the_commands(capsys
 
 
 def test_subcommand_help_is_kept_and_shown_again_without_building_the_cli(capsys, monkeypatch, tmp_path):
-    import cli
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    kept = cli.help_cache_file(["predict", "--help"])
+    kept = kept_help.help_cache_file(["predict", "--help"])
     assert kept is not None and kept.is_relative_to(tmp_path) and not kept.exists()
     with pytest.raises(SystemExit) as exc:
         main(["predict", "--help"])
@@ -294,38 +284,38 @@ def test_subcommand_help_is_kept_and_shown_again_without_building_the_cli(capsys
     def no_build(*args, **kwargs):
         raise AssertionError("the kept help should have been printed")
 
-    monkeypatch.setattr(cli, "build_cli", no_build)
+    from lightning_modules import run
+
+    monkeypatch.setattr(run, "build_cli", no_build)
     with pytest.raises(SystemExit) as exc:
         main(["predict", "--help"])
     assert exc.value.code == 0 and capsys.readouterr().out == first
     # Only the bare `SUBCOMMAND --help` is kept: other arguments can change the defaults shown.
-    assert cli.help_cache_file(["predict", "--ckpt_path", "x.ckpt", "--help"]) is None
-    assert cli.help_cache_file(["fit", "--config", "c.yaml", "-h"]) is None
+    assert kept_help.help_cache_file(["predict", "--ckpt_path", "x.ckpt", "--help"]) is None
+    assert kept_help.help_cache_file(["fit", "--config", "c.yaml", "-h"]) is None
     monkeypatch.setenv("UNIPELT_HELP_CACHE", "0")
-    assert cli.help_cache_file(["predict", "--help"]) is None
+    assert kept_help.help_cache_file(["predict", "--help"]) is None
 
 
 def test_help_key_changes_with_the_code_the_libraries_and_the_width(monkeypatch, tmp_path):
-    import cli
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    key = cli.help_cache_file(["fit", "--help"])
-    assert cli.help_cache_file(["fit", "--help"]) == key and cli.help_cache_file(["fit", "-h"]) == key
-    assert cli.help_cache_file(["test", "--help"]) != key
+    key = kept_help.help_cache_file(["fit", "--help"])
+    assert kept_help.help_cache_file(["fit", "--help"]) == key and kept_help.help_cache_file(["fit", "-h"]) == key
+    assert kept_help.help_cache_file(["test", "--help"]) != key
     monkeypatch.setenv("COLUMNS", "57")
-    assert cli.help_cache_file(["fit", "--help"]) != key
+    assert kept_help.help_cache_file(["fit", "--help"]) != key
     monkeypatch.delenv("COLUMNS")
     from importlib import metadata
 
     real_version = metadata.version
     monkeypatch.setattr(metadata, "version", lambda d: "9.9" if d == "pytorch-lightning" else real_version(d))
-    assert cli.help_cache_file(["fit", "--help"]) != key
+    assert kept_help.help_cache_file(["fit", "--help"]) != key
     monkeypatch.setattr(metadata, "version", real_version)
     source = ROOT / "datamodules" / "text.py"
     before = source.stat()
     try:
         os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
-        assert cli.help_cache_file(["fit", "--help"]) != key
+        assert kept_help.help_cache_file(["fit", "--help"]) != key
     finally:
         os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
 
@@ -336,7 +326,7 @@ def test_kept_help_prints_without_importing_torch(tmp_path):
     first = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     probe = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); "
-             "sys.argv = ['cli.py', 'validate', '--help']; import cli")
+             "sys.argv = ['cli.py', 'validate', '--help']; import cli; cli.main()")
     second = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)  # fmt: skip
     assert second.returncode == 0 and second.stdout == first.stdout and second.stderr.strip() == "False"
@@ -344,8 +334,6 @@ def test_kept_help_prints_without_importing_torch(tmp_path):
 
 def test_any_run_keeps_every_subcommands_help(capsys, monkeypatch, tmp_path, tiny_model, glue_dir):
     import gc
-
-    import cli
 
     # Help lists the optimizer classes alive in the process; Lightning creates one (LightningAdamW)
     # per training run, dropped whenever its trainer is collected: collect those of earlier tests now.
@@ -357,7 +345,7 @@ def test_any_run_keeps_every_subcommands_help(capsys, monkeypatch, tmp_path, tin
     with pytest.raises(SystemExit) as exc:
         main(["fit", *common_args(tiny_model, glue_dir, out)])
     assert exc.value.code == 2
-    kept = {name: cli.help_cache_file([name, "--help"]) for name in cli.HELP_SUBCOMMANDS}
+    kept = {name: kept_help.help_cache_file([name, "--help"]) for name in kept_help.HELP_SUBCOMMANDS}
     assert all(path.exists() for path in kept.values())
     capsys.readouterr()
     monkeypatch.setenv("UNIPELT_HELP_CACHE", "0")  # render afresh: the kept text is what a bare --help prints

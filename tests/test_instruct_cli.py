@@ -6,19 +6,30 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from decoder_fixtures import prompt_rows, tiny_tokenizer, write_jsonl
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cli import SUMMARY_FILE, main
-from lightning_modules.instruct_cli import is_instruct_run
+from cli import main
+from lightning_modules.kinds import CLASSIFICATION, INSTRUCTION, choose_kind
+from lightning_modules.run import SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "tiny-llama"
+class MoveWeightsAtFitEnd(pl.Callback):
+    """After training, move the trainable weights away from every checkpoint's (runs before RunSummary)."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            for param in pl_module.parameters():
+                if param.requires_grad:
+                    param.add_(0.5)
+
+
+def write_tiny_llama(folder: Path) -> Path:
+    """A random 2-layer Llama (grouped-query attention) with the word-level tokenizer; seeded."""
     tok = tiny_tokenizer()
     tok.save_pretrained(folder)
     torch.manual_seed(0)
@@ -27,6 +38,11 @@ def tiny_llama(tmp_path_factory) -> Path:
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("model") / "tiny-llama")
 
 
 def test_fit_then_predict_writes_generations(tiny_llama, tmp_path) -> None:
@@ -40,14 +56,26 @@ def test_fit_then_predict_writes_generations(tiny_llama, tmp_path) -> None:
     main(["fit", "--config", str(ROOT / "configs" / "instruct_example.yaml"),
           "--model.model_name_or_path", str(tiny_llama), "--data.train_file", str(train), "--data.k_shot", "24",
           "--data.dev_size", "8", "--data.batch_size", "4", "--trainer.max_epochs", "2", "--data.max_seq_length", "64",
-          "--data.cache_dir", str(tmp_path / "cache"), *common])
+          "--data.cache_dir", str(tmp_path / "cache"), "--trainer.callbacks+", f"{__name__}.MoveWeightsAtFitEnd",
+          *common])
     summary = json.loads((run / SUMMARY_FILE).read_text())
     assert summary["task"] == "instruct" and summary["method"] == "unipelt_apl"
+    # No test set: the summary comes at the end of fit, and export/ holds the best checkpoint's weights
+    # (not the weights in memory then).
+    from lightning_modules import CausalLMModule
+    from unipelt import from_pretrained
+
+    assert summary["test"] == {} and summary["exported_weights"] == str(run / "export")
+    exported = from_pretrained(summary["exported_weights"]).eval()
+    reference = CausalLMModule.load_from_checkpoint(summary["best_checkpoint"]).model.eval()
+    ids = torch.tensor([[1, 5, 9, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
     assert summary["best_val"]["perplexity"] == pytest.approx(torch.tensor(summary["best_val"]["value"]).exp().item())
     assert 0 < summary["trainable_params"] < summary["total_params"]
     best = summary["best_checkpoint"]
     assert Path(best).is_file()
-    assert is_instruct_run(["predict", "--ckpt_path", best])  # the checkpoint says what it is
+    assert choose_kind(["predict", "--ckpt_path", best]) is INSTRUCTION  # the checkpoint says what it is
 
     # No config: the checkpoint states the model; the command line the rest.
     out = tmp_path / "gen.jsonl"
@@ -96,3 +124,14 @@ def test_bf16_mixed_with_gradient_clipping_trains(tiny_llama, tmp_path) -> None:
           "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)])
     summary = json.loads((run / SUMMARY_FILE).read_text())
     assert torch.isfinite(torch.tensor(summary["best_val"]["value"]))
+
+
+def test_the_run_kind_comes_from_the_options_named() -> None:
+    """Options only instruction runs have (on the command line or in a --config) make one; else classification."""
+    configs = ROOT / "configs"
+    assert choose_kind(["fit", "--data.prompt_field", "q"]) is INSTRUCTION
+    assert choose_kind(["fit", "--model.max_new_tokens=3"]) is INSTRUCTION
+    assert choose_kind(["fit", "--config", str(configs / "instruct_example.yaml")]) is INSTRUCTION
+    assert choose_kind(["fit", "--config", str(configs / "rte_k100.yaml")]) is CLASSIFICATION
+    assert choose_kind(["fit", "--data.train_file", "rows.jsonl", "--model.method", "lora"]) is CLASSIFICATION
+    assert choose_kind(["predict", "--ckpt_path", "no-such.ckpt"]) is CLASSIFICATION  # the CLI refuses the file

@@ -11,10 +11,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from cli import build_cli, main
+from cli import main
 from datamodules import GLUE_TASKS, TextDataModule
 from lightning_modules import UniPELTLightningModule
 from lightning_modules.predictions import write_predictions
+from lightning_modules.run import build_cli
 from tests.fixtures import WORDS, write_rte, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +167,9 @@ def test_glue_submission_files_for_every_task(tiny_model, tmp_path):
                             cache_dir=str(tmp_path / "cache"), eval_batch_size=4)  # fmt: skip
         dm.stage = "predict"
         model = UniPELTLightningModule(model_name_or_path=str(tiny_model), task=task, method="lora").eval()
-        outputs = trainer.predict(model, datamodule=dm)
-        written = write_predictions(outputs, dm, model.task_info, tmp_path / "submission")
+        outputs = trainer.predict(model, datamodule=dm)  # a list per loader when there are several
+        per_loader = outputs if len(dm.predict_splits) > 1 else [outputs]
+        written = write_predictions(per_loader, dm, model.task_info, tmp_path / "submission")
         assert [p.name for p in written] == [f"{f}.tsv" for f in files]
         for path, key in zip(written, [k for k in counts if k.startswith(f"{task}/")], strict=True):
             lines = path.read_text().splitlines()
@@ -223,9 +225,9 @@ def test_summary_records_the_optimizer_used_and_the_loss_of_every_step(tiny_mode
 
 
 def test_an_override_the_method_does_not_use_is_an_error(tiny_model):
-    from lightning_modules import ModelConfigError
+    from unipelt import PELTError
 
-    with pytest.raises(ModelConfigError, match="adapter_bottleneck.*'lora' has no adapter"):
+    with pytest.raises(PELTError, match="adapter_bottleneck.*'lora' has no adapter"):
         UniPELTLightningModule(str(tiny_model), method="LoRA", pelt_overrides={"adapter_bottleneck": 64})
     with_adapter = UniPELTLightningModule(str(tiny_model), method="lora",
                                           pelt_overrides={"adapter": True, "adapter_bottleneck": 8})  # fmt: skip

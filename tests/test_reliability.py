@@ -255,7 +255,7 @@ def test_same_config_and_seed_is_bit_identical_and_the_seeds_are_separate(
         assert any(not torch.equal(weights["a"][k], weights[other][k]) for k in weights["a"]), other
 
     # The split is the data seed's alone: the training seed leaves it, the data seed changes it.
-    from cli import build_cli
+    from lightning_modules.run import build_cli
 
     def train_rows(**options: object) -> list[int]:
         args = run_args(tiny_model, glue_dir, tmp_path / "unused", cache_dir, **options)

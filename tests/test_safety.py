@@ -18,14 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_modules.checkpointing import (
-    SUPPORTED_LIGHTNING,
-    AtomicCheckpointIO,
-    CheckpointFileError,
-    ExactResume,
-    load_checkpoint_file,
-    missing_lightning_private_api,
-)
+from lightning_modules.checkpointing import AtomicCheckpointIO, CheckpointFileError, ExactResume, load_checkpoint_file
+from lightning_modules.compat import SUPPORTED_LIGHTNING, missing_private_api
 from tests.fixtures import write_rte, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,13 +99,13 @@ def test_safe_extras_load_and_others_are_named(tmp_path):
         load_checkpoint_file(other)
 
 
-def test_lightning_private_api_used_by_exact_resume_is_present():
+def test_lightning_private_api_the_pipeline_uses_is_present():
     import pytorch_lightning
 
-    missing = missing_lightning_private_api()
+    missing = missing_private_api()
     assert not missing, (
-        f"pytorch-lightning {pytorch_lightning.__version__} lacks {', '.join(missing)}, which exact resume uses "
-        f"(lightning_modules/checkpointing.py); supported: {SUPPORTED_LIGHTNING} (setup.cfg)"
+        f"pytorch-lightning {pytorch_lightning.__version__} lacks {', '.join(missing)}, which the run pipeline "
+        f"uses (lightning_modules/compat.py); supported: {SUPPORTED_LIGHTNING} (setup.cfg)"
     )
 
 

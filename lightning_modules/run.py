@@ -1,0 +1,356 @@
+"""One CLI for every run: `fit`, `validate`, `test`, `predict` of a classifier or of an instruction-tuned decoder.
+
+`kinds.choose_kind` says which classes a command line runs; everything else is this one pipeline,
+`PELTCLI`: the run folder and overwrite rules, the checkpoint's settings as defaults, `--ckpt_path
+last` and the checkpoint checks, atomic checkpoints, loggers, the checks made before anything is
+written, the summary (`summary.RunSummary`) and predictions gathered from every rank
+(`predictions.PredictionWriter`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.cli import LightningArgumentParser
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins import TorchCheckpointIO
+
+from datamodules import DataConfigError, HubUnreachableError
+from lightning_modules.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from lightning_modules.compat import CLIWithCheckpointCheck
+from lightning_modules.errors import (
+    CheckpointFileError,
+    CheckpointMismatchError,
+    ModelConfigError,
+    TrainingDiverged,
+    UsageError,
+)
+from lightning_modules.help import DESCRIPTION, HELP_SUBCOMMANDS, help_cache_file, store_help
+from lightning_modules.kinds import CLASSIFICATION, SPECIAL_CKPT, RunKind, choose_kind, option_value
+from lightning_modules.predictions import PredictionWriter
+from lightning_modules.summary import SUMMARY_FILE, RunSummary
+from unipelt import PELTError
+from unipelt.errors import one_line
+
+# Errors that are the user's input, not our bug: one line on stderr, exit code 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError, PELTError, DataConfigError, ModelConfigError, CheckpointFileError, CheckpointMismatchError,
+)
+USAGE_EXIT_CODE = 2
+HUB_EXIT_CODE = 1  # the network, not the input
+DIVERGED_EXIT_CODE = 1
+
+__all__ = ["PELTCLI", "SUMMARY_FILE", "build_cli", "refusal"]
+
+
+# ----------------------------------------------------------------------------- run folders and checkpoints
+def default_run_dir(config: Any, kind: RunKind) -> Path:
+    """One folder per distinct run, so that a method or seed switched on the command line never lands in
+    another run's folder: runs/<task>_<k>/<method>/split<data seed>_seed<training seed>."""
+    size = "full" if config.data.k_shot is None else f"k{config.data.k_shot}"
+    return (Path("runs") / f"{kind.folder_task(config)}_{size}" / str(config.model.method).lower()
+            / f"split{config.data.seed}_seed{config.seed_everything}")
+
+
+def run_folder_of(ckpt_path: str) -> Path:
+    """`<run>/checkpoints/best.ckpt` -> `<run>`; a checkpoint elsewhere -> its own folder."""
+    path = Path(ckpt_path)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def checkpoint_defaults(subcommand: str, checkpoint: dict[str, Any], kind: RunKind) -> dict[str, Any]:
+    """The run a checkpoint records, as parser defaults for validate/test/predict (so a config file and
+    flags still win): backbone, method and its settings, the task or label set, data settings."""
+    model = dict(checkpoint.get("hyper_parameters") or {})
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    defaults = {f"model.{k}": v for k, v in model.items() if not k.startswith("_")}
+    defaults.update({f"data.{k}": v for k, v in data.items() if not k.startswith("_")})
+    task = model.get("task")
+    if isinstance(task, dict) and not task.get("is_glue", False):
+        # The label set and fields as trained: predicting needs no training file, testing keeps its order.
+        defaults.update({
+            "data.name": task["name"],
+            "data.labels": list(task["label_names"]) or None,
+            "data.regression": bool(task["is_regression"]),
+            "data.text_fields": list(task["text_fields"]),
+        })
+    if subcommand == "predict":  # never the files of training, nor of an earlier predict
+        defaults.update({f"data.{key}": None for key in ("train_file", "validation_file", "test_file", "predict_file")})
+    return {k: v for k, v in defaults.items() if k not in kind.link_targets}
+
+
+def _loggers(root: str) -> list[Any]:
+    """CSV always (plain files, easy to aggregate); TensorBoard beside it when it is installed."""
+    csv = CSVLogger(root, name="lightning_logs")
+    loggers: list[Any] = [csv]
+    try:
+        import tensorboard  # noqa: F401
+
+        loggers.append(TensorBoardLogger(root, name="lightning_logs", version=csv.version, sub_dir="tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+# ----------------------------------------------------------------------------- the CLI
+class PELTCLI(CLIWithCheckpointCheck):
+    """LightningCLI for one kind of run (see the module doc)."""
+
+    def __init__(self, kind: RunKind, args: list[str] | None = None, run: bool = True,
+                 ckpt_defaults: dict[str, Any] | None = None) -> None:
+        self.kind = kind
+        self.ckpt_defaults = ckpt_defaults or {}
+        self.subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        super().__init__(
+            kind.module, kind.datamodule, args=args, run=run, save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            # Each subcommand's parser is told its name (init_parser), for --predictions and the help texts.
+            parser_kwargs={"description": DESCRIPTION,
+                           **{name: {"subcommand_name": name} for name in HELP_SUBCOMMANDS}},
+        )
+
+    def init_parser(self, subcommand_name: str | None = None, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        if subcommand_name is not None:
+            self.subcommand_parsers[subcommand_name] = parser
+        if subcommand_name == "predict":
+            parser.add_argument(
+                "--predictions", type=str | None, default=None,
+                help="Where predictions go: with --data.predict_file a .csv, .tsv or .jsonl file (input columns, "
+                "prediction, prob_<label>; a decoder: JSON Lines with each row's generation); for a GLUE task a "
+                "folder of leaderboard files (RTE.tsv, ...). Default: <run folder>/predictions/ "
+                "(a decoder: <run folder>/generations.jsonl).",
+            )
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # State each thing once: the backbone also gives the tokenizer; a classifier's data gives the
+        # task, its labels and metrics (a GLUE task's name, or the task read from your files).
+        parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        for link in self.kind.links:
+            parser.link_arguments(**link)
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="Allow `fit` into a default_root_dir that already holds a finished run's summary.json.",
+        )
+        # One train-loss point per optimizer step: few-shot runs have a handful of steps per epoch.
+        # Lightning's model table counts parameters its own way; the summary gives the one figure we use.
+        parser.set_defaults({"trainer.log_every_n_steps": 1, "trainer.enable_model_summary": False})
+        for key, value in self.ckpt_defaults.items():
+            try:
+                parser.set_defaults({key: value})
+            except (KeyError, TypeError, ValueError):  # a setting this version no longer has: its default stays
+                pass
+
+    def check_ckpt_file(self) -> None:
+        """Here the configuration states the run (the checkpoint's settings are only defaults): the file is
+        checked (readable, written by unipelt); `before_<subcommand>` says what differs, if anything."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and str(ckpt_path) not in SPECIAL_CKPT:
+            load_checkpoint_file(ckpt_path, mmap=True)
+
+    def _keep_help_texts(self) -> None:
+        """Keep each subcommand's help (lightning_modules.help) from this run's parsers, which are the ones
+        a bare `SUBCOMMAND --help` builds: not when a checkpoint's settings became their defaults, nor for
+        instruction runs (whose options `fit --help` does not show)."""
+        if self.kind is not CLASSIFICATION or self.ckpt_defaults or os.environ.get("LOCAL_RANK", "0") != "0":
+            return
+        for name, parser in self.subcommand_parsers.items():
+            path = help_cache_file([name, "--help"])
+            if path is not None and not path.exists() and not store_help(path, parser.format_help()):
+                return
+
+    def before_instantiate_classes(self) -> None:
+        self._keep_help_texts()
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        if self.subcommand == "predict":
+            config.trainer.logger = False  # predicting leaves no version_N folder in the run folder
+            if config.trainer.default_root_dir is None and config.ckpt_path:
+                config.trainer.default_root_dir = str(run_folder_of(config.ckpt_path))
+        if config.trainer.default_root_dir is None:
+            config.trainer.default_root_dir = str(default_run_dir(config, self.kind))
+        if self.subcommand == "fit":
+            summary = Path(config.trainer.default_root_dir) / SUMMARY_FILE
+            if summary.exists() and not config.overwrite:
+                raise UsageError(
+                    f"--trainer.default_root_dir {str(summary.parent)!r} already holds a finished run "
+                    f"({SUMMARY_FILE}); pass --overwrite true or choose another folder"
+                )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
+            trainer.loggers = _loggers(trainer.default_root_dir)
+        trainer.callbacks.append(RunSummary(seed=config.seed_everything))
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    # ------------------------------------------------------------------ checks before anything is written
+    def _check_inputs(self) -> None:
+        """Everything that can be wrong with the input, checked before Lightning writes a log folder or a
+        checkpoint: the tokenizer, max_seq_length against the backbone, the data files (parsed by
+        prepare_data on the first process of a node) and a --ckpt_path (readable, ours, the same run)."""
+        model, dm = self.model, self.datamodule
+        path = model.hparams.model_name_or_path
+        try:
+            tokenizer = dm.tokenizer
+        except Exception as err:  # transformers raises OSError, ValueError, TypeError... for a bad folder
+            raise ModelConfigError(
+                f"--model.model_name_or_path {str(path)!r}: no usable tokenizer ({one_line(err)})"
+            ) from None
+        # transformers 5 makes an empty tokenizer (special tokens only) for a folder without tokenizer files.
+        probe = tokenizer("the of and a to in is", add_special_tokens=False)["input_ids"]
+        if tokenizer.unk_token_id is not None and all(i == tokenizer.unk_token_id for i in probe):
+            raise ModelConfigError(
+                f"--model.model_name_or_path {str(path)!r}: no usable tokenizer (its vocabulary is empty: "
+                "tokenizer files missing?)"
+            )
+        embeddings = model.model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > embeddings:
+            raise ModelConfigError(
+                f"--model.model_name_or_path {str(path)!r}: the tokenizer has {len(tokenizer)} tokens but the "
+                f"model embeds only {embeddings} (tokenizer files of another model?)"
+            )
+        if dm.hparams.max_seq_length > model.max_input_length:
+            raise UsageError(
+                f"--data.max_seq_length {dm.hparams.max_seq_length} is over the {model.max_input_length} "
+                f"positions of --model.model_name_or_path {str(path)!r}"
+            )
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP: the other ranks wait for it inside the trainer
+            dm.stage = self.subcommand
+            dm.prepare_data()
+        self._check_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if ckpt_path == "last":
+            # Resolved here: Lightning looks in the trainer's own checkpoint folders before the model's
+            # callbacks (which write to <default_root_dir>/checkpoints) are attached, and finds nothing.
+            folder = Path(self.trainer.default_root_dir) / "checkpoints"
+            found = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                if self.subcommand != "fit":
+                    raise UsageError(f"--ckpt_path last: no last*.ckpt in {str(folder)!r}")
+                print(f"--ckpt_path last: no checkpoint in {str(folder)!r} yet; training from the start", flush=True)
+                self.config_init[self.subcommand]["ckpt_path"] = None
+                return
+            ckpt_path = str(found[-1])
+            self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
+        elif ckpt_path in SPECIAL_CKPT:
+            return
+        try:
+            self.model.check_checkpoint(load_checkpoint_file(ckpt_path, mmap=True))
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(f"--ckpt_path {str(ckpt_path)!r}: {err}") from None
+
+    # ------------------------------------------------------------------ the subcommands
+    def before_fit(self) -> None:
+        self._check_inputs()
+
+    def fit(self, **kwargs: Any) -> None:
+        try:
+            self.trainer.fit(**kwargs)
+        except FloatingPointError as err:
+            kept = [
+                str(p)
+                for c in self.trainer.checkpoint_callbacks
+                for p in (getattr(c, "last_model_path", ""), c.best_model_path)
+                if p and Path(p).exists()
+            ]
+            where = f"; the last good checkpoints are kept: {', '.join(dict.fromkeys(kept))}" if kept else ""
+            raise TrainingDiverged(f"training stopped: {err}{where}") from None
+
+    def after_fit(self) -> None:
+        """Test the best checkpoint (every rank); RunSummary writes the summary when that test ends."""
+        trainer = self.trainer
+        if trainer.interrupted or not self.model.tests_after_fit(self.datamodule):
+            return
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+
+    def before_validate(self) -> None:
+        self._check_inputs()
+
+    def before_test(self) -> None:
+        self._check_inputs()
+
+    def before_predict(self) -> None:
+        self._check_inputs()
+        target = self.model.predictions_path(self.datamodule, self.config.predict.get("predictions"),
+                                             Path(self.trainer.default_root_dir))
+        self.trainer.callbacks.append(PredictionWriter(target))
+
+    def predict(self, **kwargs: Any) -> None:
+        self.trainer.predict(**{**kwargs, "return_predictions": False})  # PredictionWriter writes them
+
+
+# ----------------------------------------------------------------------------- building and answering
+def build_cli(args: list[str] | None, run: bool = True, kind: RunKind | None = None) -> PELTCLI:
+    """The CLI object (tests and the grid runner reach trainer, model and datamodule through it).
+
+    ``args`` None: the process's command line. ``kind`` None: `choose_kind`'s."""
+    argv = sys.argv[1:] if args is None else list(args)
+    kind = kind or choose_kind(argv)
+    subcommand = next((a for a in argv if a in HELP_SUBCOMMANDS), None)
+    ckpt_path = option_value(argv, "--ckpt_path")
+    defaults = {}
+    if subcommand in ("validate", "test", "predict") and ckpt_path and ckpt_path not in SPECIAL_CKPT:
+        defaults = checkpoint_defaults(subcommand, load_checkpoint_file(ckpt_path, mmap=True), kind)
+    _quiet_libraries()
+    return PELTCLI(kind, args=args, run=run, ckpt_defaults=defaults)
+
+
+def refusal(err: BaseException, kind: RunKind = CLASSIFICATION) -> tuple[int, str] | None:
+    """(exit status, one line) for an error that is the input's, the network's or a diverged run's rather
+    than our bug; None for anything else (a traceback then helps)."""
+    if isinstance(err, USER_ERRORS):
+        return USAGE_EXIT_CODE, user_message(err, kind)
+    if isinstance(err, HubUnreachableError):
+        return HUB_EXIT_CODE, user_message(err, kind)
+    if isinstance(err, TrainingDiverged):
+        return DIVERGED_EXIT_CODE, user_message(err, kind)
+    return None
+
+
+def user_message(err: BaseException, kind: RunKind = CLASSIFICATION) -> str:
+    """One line; the data module says `k_shot=0: ...`, which the command line knows as `--data.k_shot`."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    match = re.match(r"(\w+)=", text)
+    if isinstance(err, DataConfigError) and match and f"--data.{match.group(1)}" in kind.options:
+        text = "--data." + text
+    return text
+
+
+def _quiet_libraries() -> None:
+    """No advertising and no bars for work that takes milliseconds; warnings a user can act on stay."""
+    import logging
+
+    os.environ.setdefault("LITMODELS_DISABLE_TIPS", "1")
+    for message in (
+        ".*tensorboardX.*",  # we attach our own loggers (CSV, TensorBoard when installed)
+        ".*isinstance\\(treespec, LeafSpec\\).*",  # Lightning internals vs torch's pytree
+        ".*callbacks used to create the checkpoint need to be provided.*",  # only fit uses them
+        ".*will save all targets and predictions in the buffer.*",  # Spearman on dev/test-sized sets: by design
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" for a few dozen tensors
+
+
+class _NoTips:
+    def filter(self, record: Any) -> bool:
+        text = str(record.getMessage())
+        return not (text.startswith("💡 Tip") or "litmodels" in text or "LitLogger" in text)
