@@ -77,7 +77,7 @@ PRESETS: dict[str, Preset] = _PresetTable((p.name, p) for p in (
     # Issue 28, the design space: methods the paper did not have and unions that add or swap them. Rates
     # are provisional (the closest preset's) until chosen on dev: IA3 as BitFit (trained vectors), DoRA
     # as LoRA, the parallel adapter as the adapter, the unions as UniPELT (APL).
-    Preset("ia3", "(IA)³", 1e-4, ("ia3",)),
+    Preset("ia3", "IA3", 1e-4, ("ia3",)),
     Preset("dora", "DoRA", 5e-4, ("lora",), options=(("lora_dora", True),)),
     Preset("parallel_adapter", "Parallel adapter", 1e-4, ("parallel_adapter",)),
     Preset("unipelt_apl_dora", "UniPELT (APL, DoRA)", 5e-4, ("adapter", "prefix", "lora"),
