@@ -111,6 +111,11 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+def assert_equal_to_rounding(got: torch.Tensor, want: torch.Tensor, scale: float = 1e-6) -> None:
+    """Equal to float rounding of logits of this size (the std-1 heads make them 1-60)."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=scale * max(1.0, float(want.abs().max())))
+
+
 @pytest.mark.parametrize("family", ALL)
 def test_ia3_equals_peft_on_shared_weights(family):
     base = backbone(family)
@@ -121,15 +126,15 @@ def test_ia3_equals_peft_on_shared_weights(family):
     with torch.no_grad():
         got, want, plain = logits(ours, batch), logits(theirs, batch), logits(base, batch)
     assert max_diff(want, plain) > 1e-3  # the vectors matter
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_equal_to_rounding(got, want)
 
 
-LORA = dict(lora_r=4, lora_alpha=8)
+LORA = dict(lora_r=4, lora_alpha=6)  # scales 1.5 and 3 (rsLoRA): not powers of two, so not exact by luck
 
 
 def lora_config(family: str, **options: bool) -> peft.LoraConfig:
     names = spec_for(backbone(family)).projections
-    return peft.LoraConfig(task_type=task_type(family), r=4, lora_alpha=8, lora_dropout=0.0,
+    return peft.LoraConfig(task_type=task_type(family), r=4, lora_alpha=6, lora_dropout=0.0,
                            target_modules=[names["query"], names["value"]], **options)
 
 
@@ -155,7 +160,7 @@ def test_dora_and_rslora_equal_peft_on_shared_weights_with_the_same_gradients(fa
     got, want = logits(ours, batch), logits(theirs, batch)
     with torch.no_grad():
         assert max_diff(want, logits(base, batch)) > 1e-3
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_equal_to_rounding(got, want)
     # the same gradients: DoRA's norm is a constant in both (no gradient through it)
     got.square().sum().backward()
     want.square().sum().backward()
@@ -198,7 +203,7 @@ def test_to_peft_loads_in_peft_to_the_same_logits(tmp_path, family, preset, over
     loaded = peft.PeftModel.from_pretrained(backbone(family), path).eval()
     batch = inputs(family)
     with torch.no_grad():
-        torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=1e-5, atol=1e-6)
+        assert_equal_to_rounding(logits(loaded, batch), logits(model, batch))
 
 
 @pytest.mark.parametrize("family,preset", [("bert", "ia3"), ("llama", "ia3"), ("bert", "dora"), ("llama", "dora"),
@@ -216,8 +221,7 @@ def test_gated_exports_with_fixed_gates_equal_the_calibrated_merge(tmp_path, fam
     loaded = peft.PeftModel.from_pretrained(backbone(family), path).eval()
     batch = inputs(family)
     with torch.no_grad():
-        torch.testing.assert_close(logits(loaded, batch), logits(unipelt.merge(model, gates), batch),
-                                   rtol=1e-5, atol=1e-5)
+        assert_equal_to_rounding(logits(loaded, batch), logits(unipelt.merge(model, gates), batch), scale=1e-5)
 
 
 @pytest.mark.parametrize("preset,overrides,words", [
@@ -253,4 +257,4 @@ def test_a_classifier_decoder_exports_ia3_too(tmp_path):
     loaded = peft.PeftModel.from_pretrained(base, path).eval()
     batch = inputs("llama")
     with torch.no_grad():
-        torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=1e-5, atol=1e-6)
+        assert_equal_to_rounding(logits(loaded, batch), logits(model, batch))
