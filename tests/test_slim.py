@@ -112,6 +112,11 @@ def test_save_pretrained_and_from_pretrained_rebuild_the_slimmed_model_exactly(t
                                                         .values())
     again = unipelt.save_pretrained(loaded, tmp_path / "again", base_model_name_or_path="unused")
     assert torch.equal(out(unipelt.from_pretrained(again, model=model_of(family)), family), out(slim, family))
+    still = [p for n, p in loaded.named_parameters() if n in saved]  # kept as modules: the prefix, adapters
+    with torch.no_grad():  # trained after slim: the saved form would rebuild the model it was, so refused
+        still[0].add_(1)
+    with pytest.raises(PELTError, match="changed since slim"):
+        unipelt.save_pretrained(loaded, tmp_path / "stale", base_model_name_or_path="unused")
 
 
 def test_the_report_is_what_it_says():

@@ -30,6 +30,10 @@ def pelt_state_dict(model: nn.Module, fold: bool = True) -> dict[str, Any]:
     cfg = config_of(model)
     held = getattr(model, SLIM_WEIGHTS, None)
     if held is not None:  # a slimmed model: what it was built from, before its folds (fold_settled)
+        params = dict(model.named_parameters())
+        changed = [k for k, v in held.items() if k in params and not torch.equal(params[k].detach(), v)]
+        if changed:  # trained after slim: what it holds now is not what the saved form rebuilds
+            raise PELTError(f"this slimmed model changed since slim ({changed[0]}); slim the trained model again")
         return {"config": cfg.to_dict(), "backbone": _backbone(model),
                 "weights": {k: v.clone() for k, v in held.items()}}
     replaced: set[int] = set()
