@@ -113,7 +113,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def assert_equal_to_rounding(got: torch.Tensor, want: torch.Tensor, scale: float = 1e-6) -> None:
     """Equal to float rounding of logits of this size (the std-1 heads make them 1-60)."""
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=scale * max(1.0, float(want.abs().max())))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=scale * max(1.0, float(want.detach().abs().max())))
 
 
 @pytest.mark.parametrize("family", ALL)
