@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from reproduce.selection import choose, dev_scores, runs_of
+from reproduce.sweep import arm_name, edge_arms
 
 HERE = Path(__file__).resolve().parent
 HEAD_RATES = HERE.parent / "minilm_k100_head" / "learning_rates.json"
@@ -31,10 +31,6 @@ BASE = {"ia3": None, "dora": "lora", "parallel_adapter": "adapter", "unipelt_apl
 IA3_RATE = 3e-3
 METHODS = tuple(BASE)
 TASKS = ("sst2", "stsb")
-
-
-def arm_name(power: int) -> str:
-    return "x1" if power == 0 else (f"x{3 ** power}" if power > 0 else f"d{3 ** -power}")
 
 
 def base_rate(task: str, method: str) -> float:
@@ -61,22 +57,7 @@ def arms() -> None:
 
 def edges() -> None:
     """Print `<arm> <task> <methods>` for each edge arm not yet run."""
-    scores = dev_scores(sorted(p for p in SWEEP.glob("*") if p.is_dir()))
-    todo: dict[tuple[int, str], list[str]] = {}
-    for task in TASKS:
-        mine = runs_of(scores, {task})
-        chosen = choose(mine)
-        for method in METHODS:
-            if method not in chosen:
-                continue
-            swept = sorted(lr for m, lr in mine if m == method)
-            best = chosen[method][0]
-            power = round(math.log(best / base_rate(task, method), 3))
-            if best == swept[-1]:
-                todo.setdefault((power + 1, task), []).append(method)
-            elif best == swept[0]:
-                todo.setdefault((power - 1, task), []).append(method)
-    for (power, task), methods in sorted(todo.items()):
+    for (power, task), methods in sorted(edge_arms(SWEEP, TASKS, METHODS, base_rate).items()):
         write_arm(power, [(task, m) for m in methods])
         print(arm_name(power), task, ",".join(methods))
 
