@@ -1,5 +1,6 @@
 """The learning-rate sweep of the design-space grid (grid.sh, issue 28): arms around a base rate per method.
 
+    python results/minilm_k100_space/sweep_rates.py apl     # learning_rates_apl.json: UniPELT (APL) at the head grid's rates
     python results/minilm_k100_space/sweep_rates.py arms    # sweep_x1.json, sweep_d3.json, sweep_x3.json
     python results/minilm_k100_space/sweep_rates.py edges   # one line per edge arm still to run
     python results/minilm_k100_space/sweep_rates.py final   # selected_rates.json -> learning_rates.json
@@ -62,6 +63,13 @@ def edges() -> None:
         print(arm_name(power), task, ",".join(methods))
 
 
+def apl() -> None:
+    """UniPELT (APL)'s rates of the head grid, for the runs that slim reads (they need no sweep)."""
+    head = json.loads(HEAD_RATES.read_text())
+    args = {f"{task}:unipelt_apl": head[f"{task}:unipelt_apl"] for task in TASKS}
+    (HERE / "learning_rates_apl.json").write_text(json.dumps(args, indent=1) + "\n")
+
+
 def final() -> None:
     """`unipelt select`'s choice (selected_rates.json: SST-2's as plain keys, STS-B's as stsb:) as
     learning_rates.json with one `<task>:<method>` key per task, plus UniPELT (APL) at the head grid's rate."""
@@ -92,4 +100,4 @@ def reuse() -> None:
 
 
 if __name__ == "__main__":
-    {"arms": arms, "edges": edges, "final": final, "reuse": reuse}[sys.argv[1]]()
+    {"apl": apl, "arms": arms, "edges": edges, "final": final, "reuse": reuse}[sys.argv[1]]()
