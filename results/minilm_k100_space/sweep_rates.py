@@ -1,6 +1,6 @@
 """The learning-rate sweep of the design-space grid (grid.sh, issue 28): arms around a base rate per method.
 
-    python results/minilm_k100_space/sweep_rates.py apl     # learning_rates_apl.json: UniPELT (APL) at the head grid's rates
+    python results/minilm_k100_space/sweep_rates.py apl     # learning_rates_apl.json: APL at the head grid's rates
     python results/minilm_k100_space/sweep_rates.py arms    # sweep_x1.json, sweep_d3.json, sweep_x3.json
     python results/minilm_k100_space/sweep_rates.py edges   # one line per edge arm still to run
     python results/minilm_k100_space/sweep_rates.py final   # selected_rates.json -> learning_rates.json
