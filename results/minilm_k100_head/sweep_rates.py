@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from reproduce.selection import choose, dev_scores, runs_of
+from reproduce.sweep import arm_name, edge_arms
 
 HERE = Path(__file__).resolve().parent
 OLD = HERE.parent / "minilm_k100" / "learning_rates.json"
@@ -31,10 +31,6 @@ SWEEP = HERE / "sweep"
 METHODS = ("finetune", "adapter", "prefix", "lora", "unipelt_apl")  # unipelt_ap takes unipelt_apl's rate
 TASKS = ("sst2", "stsb")  # swept on their dev splits; CoLA, RTE and MRPC take SST-2's rates (as the old grid)
 GRID_TASKS = {"sst2": "sst2", "cola": "sst2", "rte": "sst2", "mrpc": "sst2", "stsb": "stsb"}  # -> rates of
-
-
-def arm_name(power: int) -> str:
-    return "x1" if power == 0 else (f"x{3 ** power}" if power > 0 else f"d{3 ** -power}")
 
 
 def old_rate(task: str, method: str) -> float:
@@ -59,22 +55,7 @@ def arms() -> None:
 
 def edges() -> None:
     """Print `<arm> <task> <methods>` for each edge arm not yet run."""
-    scores = dev_scores(sorted(p for p in SWEEP.glob("*") if p.is_dir()))
-    todo: dict[tuple[int, str], list[str]] = {}
-    for task in TASKS:
-        mine = runs_of(scores, {task})
-        chosen = choose(mine)
-        for method in METHODS:
-            if method not in chosen:
-                continue
-            swept = sorted(lr for m, lr in mine if m == method)
-            best = chosen[method][0]
-            power = round(math.log(best / old_rate(task, method), 3))
-            if best == swept[-1]:
-                todo.setdefault((power + 1, task), []).append(method)
-            elif best == swept[0]:
-                todo.setdefault((power - 1, task), []).append(method)
-    for (power, task), methods in sorted(todo.items()):
+    for (power, task), methods in sorted(edge_arms(SWEEP, TASKS, METHODS, old_rate).items()):
         write_arm(power, [(task, m) for m in methods])
         print(arm_name(power), task, ",".join(methods))
 

