@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import sys
 import time
@@ -108,9 +109,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (models and inputs on the GPU)")
     parser.add_argument("--json", help="also write the two rows to this JSON file")
     args = parser.parse_args()
+    if args.device != "cpu" and not (re.fullmatch(r"cuda(:\d+)?", args.device) and torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: cpu or cuda[:N]"
+                     f"{'' if torch.cuda.is_available() else ' (torch sees no CUDA GPU here: cpu only)'}")
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
     torch.set_num_threads(args.threads)
 
     base = backbone(args.layers).to(device)

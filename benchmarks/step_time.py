@@ -33,6 +33,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -240,8 +241,9 @@ def main() -> None:
     parser.add_argument("--slim", type=float, default=None, metavar="MIN_GATE",
                         help="also time each preset slimmed at this min_gate (unipelt.slim, on the timed batch)")
     args = parser.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
+    if args.device != "cpu" and not (re.fullmatch(r"cuda(:\d+)?", args.device) and torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: cpu or cuda[:N]"
+                     f"{'' if torch.cuda.is_available() else ' (torch sees no CUDA GPU here: cpu only)'}")
     if args.slim is not None and not 0 <= args.slim <= 1:
         parser.error(f"--slim {args.slim}: a min_gate is a number in [0, 1]")
     if "finetune" not in args.presets:

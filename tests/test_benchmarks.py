@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -16,12 +17,16 @@ from tests.test_core_model import FAMILIES, batch, tiny
 
 
 @functools.cache
-def _step_time():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
-    spec = importlib.util.spec_from_file_location("step_time", path)
+def _script(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _step_time():
+    return _script("step_time")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,6 +62,56 @@ def test_the_merged_rows_time_the_merge_that_unipelt_gives(preset, plain):
     assert hasattr(merged, "pelt_config") != plain
     with torch.no_grad():
         torch.testing.assert_close(merged(**one).logits, model(**one).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_step_time_with_device_cpu_times_every_preset_on_the_cpu(tmp_path, monkeypatch):
+    """`--device cpu`, as gpu_check.sh passes `--device cuda`: every row, its trainable count the preset's."""
+    from unipelt import PELTConfig, apply_pelt, count_trainable
+
+    step_time = _step_time()
+    monkeypatch.setattr(step_time, "build_backbone", lambda name: tiny("bert", vocab_size=1100, num_labels=2))
+    monkeypatch.setattr(sys, "argv", ["step_time.py", "--device", "cpu", "--models", "bert-base", "--presets",
+                                      "unipelt_apl", "--batch", "2", "--length", "8", "--rounds", "1", "--warmup",
+                                      "0", "--threads", "0", "--json", str(tmp_path / "rows.json")])
+    step_time.main()
+    rows = {r["method"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert list(rows) == ["finetune", "unipelt_apl", "(frozen backbone)", "(plain backbone)"]
+    apl = count_trainable(apply_pelt(tiny("bert", vocab_size=1100, num_labels=2), PELTConfig.preset("unipelt_apl")))
+    assert rows["unipelt_apl"]["params"] == apl and rows["finetune"]["train_ratio"] == 1.0
+    assert all(r["infer_s"] > 0 for r in rows.values())
+
+
+def test_decoder_step_with_device_cpu_times_both_measures_on_the_cpu(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def small(layers: int) -> LlamaForCausalLM:  # the script's vocabulary (its inputs draw ids up to 32000)
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
+
+    decoder_step = _script("decoder_step")
+    monkeypatch.setattr(decoder_step, "backbone", small)
+    monkeypatch.setattr(sys, "argv", ["decoder_step.py", "--device", "cpu", "--layers", "1", "--rounds", "2",
+                                      "--length", "8", "--new-tokens", "2", "--threads", str(torch.get_num_threads()),
+                                      "--json", str(tmp_path / "rows.json")])
+    decoder_step.main()
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["measure"], r["reference"]) for r in rows] == [("train step, batch 8 x 8", "PEFT LoRA"),
+                                                              ("generate, batch 4, 2 new tokens", "backbone")]
+    assert all(r["ratio"] == pytest.approx(r["unipelt_s"] / r["reference_s"]) for r in rows)
+
+
+@pytest.mark.parametrize("script", ["step_time", "decoder_step"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "tpu"])
+def test_a_device_torch_cannot_use_is_one_error_exit_2(script, device, monkeypatch, capsys):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA GPU here")
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--device", device])
+    with pytest.raises(SystemExit) as done:
+        _script(script).main()
+    assert done.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: --device {device}: cpu or cuda[:N] "
+                                                             "(torch sees no CUDA GPU here: cpu only)")
 
 
 GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
