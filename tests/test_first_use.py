@@ -164,6 +164,7 @@ def test_a_gguf_file_without_its_packages_is_one_line_naming_the_extra(tmp_path,
     assert "--model.gguf_file 'model.Q4_1.gguf'" in line and "accelerate" in line and 'pip install -e ".[gguf]"' in line
 
 
+@pytest.mark.slow  # two fresh Python processes importing torch and Lightning: tens of seconds on 2 busy cores
 def test_offline_instruction_example_fails_in_seconds_saying_how_to_use_local_files(tmp_path):
     """`fit --config configs/instruct_example.yaml` (a hub decoder) with the hub refusing connections: one
     line naming the local options, in seconds beyond the imports, no retries."""
