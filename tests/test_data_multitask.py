@@ -8,7 +8,6 @@ import csv
 from pathlib import Path
 
 import pytest
-import torch
 from test_data_helpers import write_all, write_tokenizer
 from torch.utils.data import DistributedSampler
 
