@@ -39,12 +39,25 @@ def task_specs(tasks: Any) -> list[dict[str, Any]]:
         elif isinstance(entry, Mapping):
             unknown = [k for k in entry if k not in TASK_OPTIONS]
             if unknown:
-                raise DataConfigError(f"tasks: {unknown[0]!r} in {dict(entry)!r} is not a task option; "
-                                      f"a task's mapping takes {', '.join(TASK_OPTIONS)}")
+                raise DataConfigError(f"tasks={_shown(tasks)}: {unknown[0]!r} is not a task option; a task's "
+                                      f"mapping takes {', '.join(TASK_OPTIONS)}")
             specs.append(dict(entry))
         else:
-            raise DataConfigError(f"tasks: {entry!r} is neither a GLUE task name ({', '.join(GLUE_TASKS)}) nor a "
-                                  "mapping of file options")
+            raise DataConfigError(f"tasks={_shown(tasks)}: {entry!r} is neither a GLUE task name "
+                                  f"({', '.join(GLUE_TASKS)}) nor a mapping of file options")
+    return specs
+
+
+def predict_tasks(tasks: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+    """The tasks a multi-task checkpoint records (GLUE names, or `TaskInfo.to_dict()` of your files') as
+    ``--data.tasks`` for `predict`: your tasks by name, labels and text fields, without their files."""
+    specs: list[str | dict[str, Any]] = []
+    for task in tasks:
+        if isinstance(task, str) or task.get("is_glue", False):
+            specs.append(task if isinstance(task, str) else str(task["name"]))
+        else:
+            specs.append({"name": task["name"], "labels": list(task["label_names"]) or None,
+                          "regression": bool(task["is_regression"]), "text_fields": list(task["text_fields"])})
     return specs
 
 
@@ -58,13 +71,18 @@ def build_members(specs: list[dict[str, Any]], shared: dict[str, Any]) -> dict[s
         try:
             member = TextDataModule(**{**shared, **spec})
         except DataConfigError as err:
-            raise DataConfigError(f"tasks: {spec.get('task') or spec.get('name') or spec.get('train_file')!r}: "
-                                  f"{err}") from None
+            raise DataConfigError(f"tasks={_shown(specs)}: {err}") from None
         name = member.task_info.name
         if name in members:
-            raise DataConfigError(f"tasks: {_twice(members[name].task_info, member.task_info)}")
+            raise DataConfigError(f"tasks={_shown(specs)}: {_twice(members[name].task_info, member.task_info)}")
         members[name] = member
     return members
+
+
+def _shown(tasks: Any) -> list[Any]:
+    """The task list as an error names it: each task by its GLUE name, its name or its training file."""
+    return [(t.get("task") or t.get("name") or t.get("train_file") or dict(t)) if isinstance(t, Mapping) else t
+            for t in tasks]
 
 
 def _twice(first: TaskInfo, second: TaskInfo) -> str:

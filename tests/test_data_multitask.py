@@ -150,15 +150,16 @@ def test_bad_task_lists_are_one_line(glue, tokenizer, tmp_path):
     a = write_csv(tmp_path / "a.csv", ["neg", "pos"])
     b = write_csv(tmp_path / "b.csv", ["bad", "good", "ok"])
     cases = {
-        r"tasks: 'foo': task='foo' is not a GLUE task here; choose one of: cola, sst2": ["rte", "foo"],
+        r"tasks=\['rte', 'foo'\]: task='foo' is not a GLUE task here; choose one of: cola, sst2": ["rte", "foo"],
         r"task 'sst2' is given twice; give each task once": ["sst2", "SST-2"],
         r"task 'reviews' is given twice, with labels \['neg', 'pos'\] and \['bad', 'good', 'ok'\]":
             [{"name": "reviews", "train_file": a}, {"name": "reviews", "train_file": b}],
         r"task 'rte' is given twice, with labels \['entailment', 'not_entailment'\] and \['neg', 'pos'\]; .*text "
         r"fields \['sentence1', 'sentence2'\] and \['review'\]": ["rte", {"name": "rte", "train_file": a}],
-        r"tasks: 'file' in .* is not a task option; a task's mapping takes task, train_file": [{"file": a}],
+        r"tasks=\[\{'file': .*\}\]: 'file' is not a task option; a task's mapping takes task, train_file":
+            [{"file": a}],
         r"tasks=\[\]: give a list of tasks": [],
-        r"tasks: 3 is neither a GLUE task name": [3],
+        r"tasks=\[3\]: 3 is neither a GLUE task name": [3],
     }
     for message, tasks in cases.items():
         with pytest.raises(DataConfigError, match=message):

@@ -240,7 +240,8 @@ def model_card(record: dict[str, Any]) -> str:
         f"| backbone | `{backbone['model_name_or_path']}` ({backbone['model_type']}, "
         f"{backbone['num_hidden_layers']} layers, hidden {backbone['hidden_size']}) |",
         *([f"| task | {task} |"] if task else []),
-        f"| labels | {backbone['num_labels']} ({backbone['problem_type'] or 'classification'}) |",
+        *([] if card.get("tasks") else
+          [f"| labels | {backbone['num_labels']} ({backbone['problem_type'] or 'classification'}) |"]),
         f"| trainable parameters | {record['trainable_params']:,} |",
     ]
     if card.get("tasks"):
