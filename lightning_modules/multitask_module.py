@@ -140,11 +140,12 @@ class MultiTaskModule(PELTModule):
         scores[f"{stage}/{MEAN}"] = statistics.fmean(mains.values())
         return scores
 
-    def _reduce_gates(self) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
-        """Per task: examples evaluated and mean gates, across ranks (each rank has a share of every loader)."""
+    def _reduce_gates(self, loaders: str) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+        """Per task evaluated: examples and mean gates, across ranks (every rank reduces every task, in order)."""
         examples, gates = {}, {}
-        for task in sorted(self._gates):
-            examples[task], gates[task] = self._gates[task].reduce(self.trainer.strategy, self.device)
+        for task in dict.fromkeys(task for task, _ in self._plan(loaders)):
+            means = self._gates.setdefault(task, GateMeans())
+            examples[task], gates[task] = means.reduce(self.trainer.strategy, self.device)
         return examples, gates
 
     def on_validation_epoch_end(self) -> None:
@@ -153,7 +154,7 @@ class MultiTaskModule(PELTModule):
         self.log_dict(scores, sync_dist=True)  # equal on every rank (torchmetrics synced them): the mean is exact
         self.log(self.main_metric, mean, prog_bar=True, sync_dist=True)
         scores[self.main_metric] = mean
-        _, gates = self._reduce_gates()
+        _, gates = self._reduce_gates("validation")
         flat = {f"gate/{task}/{k}": v for task, values in gates.items() for k, v in values.items()}
         if flat:
             self.log_dict(flat, rank_zero_only=True)
@@ -164,7 +165,7 @@ class MultiTaskModule(PELTModule):
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._scores("test"), sync_dist=True)
-        self.last_test_examples, self.last_test_gates = self._reduce_gates()
+        self.last_test_examples, self.last_test_gates = self._reduce_gates("test")
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
