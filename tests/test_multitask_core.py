@@ -219,3 +219,32 @@ def test_config_round_trips_and_single_task_configs_are_unchanged():
     assert PELTConfig.from_dict(cfg.to_dict()) == cfg and PELTConfig.from_flat(cfg.flat()) == cfg
     single = PELTConfig.preset("unipelt_apl", head="mean")
     assert "tasks" not in single.to_dict() and "task_gates" not in single.flat()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert", "deberta-v2", "modernbert"])
+def test_every_encoder_family_serves_several_tasks(family):
+    """In memory: the task's weights (`task_weights`) loaded into a single-task model of the same backbone give
+    the multi-task model's logits on that task."""
+    from unipelt import load_pelt_state_dict, pelt_state_dict
+    from unipelt.multitask import task_weights
+
+    attn = "eager" if family == "deberta-v2" else "sdpa"
+    model = tiny(family, attn=attn)
+    single = copy.deepcopy(model)
+    torch.manual_seed(3)
+    apply_pelt(model, PELTConfig.preset("unipelt_apl", head="cls_mlp", tasks=TASKS))
+    x = batch(family, [7, 4, 2])
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for task in (*TASKS, *TASKS):
+        opt.zero_grad()
+        model(**x, labels=LABELS[task], task=task).loss.backward()
+        opt.step()
+    model.eval()
+    apply_pelt(single, task_config(model.pelt_config, "nli"))
+    state = pelt_state_dict(model)
+    load_pelt_state_dict(single, {**state, "config": single.pelt_config.to_dict(),
+                                  "weights": task_weights(state["weights"], model.pelt_config, "nli")})
+    with torch.no_grad():
+        torch.testing.assert_close(single.eval()(**x).logits, model(**x, task="nli").logits, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(model(**x, task="sent").logits[:, :2], model(**x, task="nli").logits[:, :2])
