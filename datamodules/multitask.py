@@ -137,7 +137,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Kept in checkpoints (a test from one reads the files from them), not merged into the logged hparams:
+        # the model's `tasks` are the tasks as read (labels, fields), not the options that name their files.
+        self.save_hyperparameters(logger=False)
         check_sampling(sampling, temperature)
         shared = dict(model_name_or_path=model_name_or_path, data_dir=data_dir, k_shot=k_shot, seed=seed,
                       dev_size=dev_size, max_seq_length=max_seq_length, batch_size=batch_size,

@@ -196,3 +196,21 @@ def test_multitask_fit_and_test_on_two_processes(files, tmp_path):
         assert set(two) == set(one)
         for key, value in one.items():  # Pearson merges the ranks' float32 moments (torchmetrics): rounding
             assert two[key] == pytest.approx(value, abs=1e-6, rel=1e-3 if "pearson" in key else 0)
+
+
+def test_a_task_of_your_files_predicts_from_the_checkpoint_without_its_files(files, tmp_path):
+    """predict takes a task's labels and text fields from the checkpoint: its training file may be gone."""
+    train = tmp_path / "reviews.csv"
+    rows_in = [f"the {'good' if i % 3 else 'bad'} cat {i},{'pos' if i % 3 else 'neg'}" for i in range(60)]
+    train.write_text("review,stars\n" + "\n".join(rows_in) + "\n")
+    out = tmp_path / "run"
+    tasks = f"[{{name: reviews, train_file: {train}, label_field: stars}}, rte]"
+    build_cli(["fit", *args(*files, out, tasks=tasks), "--trainer.max_epochs", "1"])
+    best = json.loads((out / SUMMARY_FILE).read_text())["best_checkpoint"]
+    train.unlink()
+    (tmp_path / "new.csv").write_text("review\nthe good cat\nthe bad cat\n")
+    main(["predict", "--ckpt_path", best, "--data.task", "reviews", "--data.predict_file", str(tmp_path / "new.csv"),
+          "--predictions", str(tmp_path / "preds.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [r["review"] for r in rows] == ["the good cat", "the bad cat"]
+    assert {r["prediction"] for r in rows} <= {"neg", "pos"} and set(rows[0]) >= {"prob_neg", "prob_pos"}
