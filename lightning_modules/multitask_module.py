@@ -47,8 +47,8 @@ class MultiTaskModule(PELTModule):
             the CLI hands over the data module's.
         head: every task's pooling head, mean or cls_mlp (the model's own head has one label set); None:
             `pelt_overrides`' head, else cls_mlp.
-        task_gates: bank (a gate bank per task) or embedding (one shared gate bank plus a learned bias per
-            task); None: `pelt_overrides`' choice, else bank (docs/method.md#multi-task).
+        task_gates: embedding (one shared gate bank plus a learned bias per task) or bank (a gate bank per
+            task); None: `pelt_overrides`' choice, else embedding (chosen on dev; docs/method.md#multi-task).
         early_stopping_patience: validation rounds without improvement of `val/mean` before stopping; None: never.
         **kwargs: the method and training options of `PELTModule` (method, pelt_overrides, learning_rate, ...).
     """

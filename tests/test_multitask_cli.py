@@ -45,7 +45,7 @@ def test_fit_test_predict_and_one_task_alone(files, tmp_path):
                      "--trainer.check_val_every_n_epoch", "1", "--model.learning_rate", "0.01"])
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["task"] == "rte+stsb" and summary["best_val"]["name"] == "val/mean"
-    assert summary["head"] == "cls_mlp" and summary["task_gates"] == "bank" and summary["test_examples"] == 42
+    assert summary["head"] == "cls_mlp" and summary["task_gates"] == "embedding" and summary["test_examples"] == 42
     tasks = summary["tasks"]
     assert set(tasks) == {"rte", "stsb"} and tasks["stsb"]["labels"] == []
     assert tasks["stsb"]["main_metric"] == "spearman"

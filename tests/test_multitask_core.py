@@ -73,9 +73,9 @@ def backbone_dirs(tmp_path_factory) -> dict[str, Path]:
     return {family: root / family for family in ("bert", "llama")}
 
 
-CASES = [("bert", p, "bank") for p in PRESETS] + [
-    ("bert", "unipelt_apl", "embedding"), ("bert", "unipelt_ap", "embedding"),
-    ("llama", "unipelt_apl", "bank"), ("llama", "lora", "bank"), ("llama", "unipelt_apl", "embedding")]
+CASES = [("bert", p, "embedding") for p in PRESETS] + [
+    ("bert", "unipelt_apl", "bank"), ("bert", "unipelt_ap", "bank"),
+    ("llama", "unipelt_apl", "embedding"), ("llama", "lora", "embedding"), ("llama", "unipelt_apl", "bank")]
 
 
 @pytest.mark.parametrize(("family", "preset", "task_gates"), CASES)
@@ -207,14 +207,15 @@ def test_bad_use_is_one_line():
         PELTConfig.preset("lora", tasks=TASKS)
     with pytest.raises(PELTError, match="task 'a': labels must be"):
         PELTConfig.preset("lora", head="mean", tasks={"a": "pos"})
-    with pytest.raises(PELTError, match="task_gates must be one of bank, embedding"):
+    with pytest.raises(PELTError, match="task_gates must be one of embedding, bank"):
         PELTConfig.preset("lora", head="mean", tasks=TASKS, task_gates="mixed")
     with pytest.raises(PELTError, match="cannot be fixed"):
         unipelt.merge(model, gates={k: 0.5 for k in unipelt.gates.gate_keys(model)})
 
 
 def test_config_round_trips_and_single_task_configs_are_unchanged():
-    cfg = PELTConfig.preset("unipelt_apl", head="mean", tasks={"a": 2, "b": 1}, task_gates="embedding")
+    cfg = PELTConfig.preset("unipelt_apl", head="mean", tasks={"a": 2, "b": 1}, task_gates="bank")
+    assert PELTConfig.preset("unipelt_apl", head="mean", tasks={"a": 2}).task_gates == "embedding"  # the default
     assert cfg.tasks == {"a": ("LABEL_0", "LABEL_1"), "b": ()}
     assert PELTConfig.from_dict(cfg.to_dict()) == cfg and PELTConfig.from_flat(cfg.flat()) == cfg
     single = PELTConfig.preset("unipelt_apl", head="mean")

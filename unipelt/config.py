@@ -76,7 +76,8 @@ PRESETS: dict[str, Preset] = _PresetTable((p.name, p) for p in (
 ))
 
 _TOP_FIELDS = ("name", "finetune", "init_std", "head", "tasks", "task_gates")
-TASK_GATES = ("bank", "embedding")  # multi-task gates: a gate bank per task, or shared gates + a task embedding
+# Multi-task gates: shared gates + a task embedding (the default, chosen on dev), or a gate bank per task.
+TASK_GATES = ("embedding", "bank")
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,10 @@ class PELTConfig:
 
     ``tasks`` (multi-task, docs/method.md#multi-task): each task's name and label names (none: a
     regression; a number n: n labels named ``LABEL_i``), in order. The backbone and every submodule are
-    shared; each task has its own pooling head and, for gated submodules, its own gates: a gate bank
-    per task (``task_gates="bank"``) or one shared bank whose gates add a learned per-task bias, a task
-    embedding of the bank's size (``"embedding"``). The model is then called with ``task=<name>``.
+    shared; each task has its own pooling head and, for gated submodules, its own gates: one shared gate
+    bank whose gates add a learned per-task bias, a task embedding of the bank's size
+    (``task_gates="embedding"``, the default), or a gate bank per task (``"bank"``). The model is then
+    called with ``task=<name>``.
     """
 
     name: str = "custom"
@@ -102,7 +104,7 @@ class PELTConfig:
     init_std: float = 0.02
     head: str = "pooler"
     tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    task_gates: str = "bank"
+    task_gates: str = TASK_GATES[0]
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -191,7 +193,7 @@ class PELTConfig:
             submodules[key] = TUNERS[key](**fields)
         return cls(name=flat.get("name", "custom"), finetune=finetune, submodules=submodules,
                    init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"),
-                   tasks=flat.get("tasks") or {}, task_gates=flat.get("task_gates", "bank"))
+                   tasks=flat.get("tasks") or {}, task_gates=flat.get("task_gates", TASK_GATES[0]))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: ``{"name", "finetune", "init_std", ["head",] "<submodule>": {fields} or null}``.
@@ -246,7 +248,7 @@ class PELTConfig:
             submodules[key] = TUNERS[key](**fields)
         return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False),
                    submodules=submodules, init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"),
-                   tasks=d.get("tasks") or {}, task_gates=d.get("task_gates", "bank"))
+                   tasks=d.get("tasks") or {}, task_gates=d.get("task_gates", TASK_GATES[0]))
 
 
 def _task_labels(tasks: Any) -> dict[str, tuple[str, ...]]:

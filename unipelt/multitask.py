@@ -4,11 +4,11 @@ head and its own gates (``PELTConfig.tasks``; docs/method.md#multi-task).
 A multi-task model is called with the task of its batch, ``model(**batch, task="rte")``: ``TaskForward``
 (the model's forward) puts the task's index on ``context.TASKS`` for that forward, the base model's
 context takes it (``ForwardContext.task``), and every ``TaskGateBank`` and the ``TaskHeads`` read it.
-Gates are either a gate bank per task (``task_gates="bank"``: per task its own ``Linear(hidden, n)``) or
-one shared bank whose gates add a learned per-task bias, a task embedding of the bank's size
-(``"embedding"``). Either way one task of the model *is* a plain single-task model: the shared weights,
-that task's gates as a ``GateBank`` and its head as the ``pelt_head``; ``task_export`` renames a saved
-model's weights to it (``save_pretrained(model, path, task=...)``, ``from_pretrained(path, task=...)``).
+Gates are either one shared bank whose gates add a learned per-task bias, a task embedding of the bank's
+size (``task_gates="embedding"``, the default: chosen on dev), or a gate bank per task (``"bank"``: per
+task its own ``Linear(hidden, n)``). Either way one task of the model *is* a plain single-task model: the
+shared weights, that task's gates as a ``GateBank`` and its head as the ``pelt_head``; ``task_export``
+renames a saved model's weights to it (``save_pretrained(model, path, task=...)``, ``from_pretrained(path, task=...)``).
 
 Parameters of the other tasks take no gradient in a step (their grad stays None, so AdamW leaves them
 untouched); under DDP that needs ``find_unused_parameters=True``.
@@ -28,7 +28,7 @@ from torch import nn
 
 from . import context
 from .backbones import BackboneSpec
-from .config import PELTConfig
+from .config import TASK_GATES, PELTConfig
 from .errors import PELTError
 from .gates import GateBank
 from .heads import HEAD_ATTR, HeadForward, PoolingHead, install_head, pooling_head, replace_own_head
@@ -140,7 +140,7 @@ def attach_task_heads(model: nn.Module, spec: BackboneSpec, config: PELTConfig) 
 def task_config(config: PELTConfig, task: str) -> PELTConfig:
     """The single-task config of one of ``config``'s tasks (the same method and head)."""
     task_index(tuple(config.tasks), task)
-    return dataclasses.replace(config, tasks={}, task_gates="bank")
+    return dataclasses.replace(config, tasks={}, task_gates=TASK_GATES[0])
 
 
 _BANK = re.compile(r"(?P<bank>.*\.pelt_gates\.[^.]+)\.proj\.(?P<task>\d+)\.(?P<part>weight|bias)")

@@ -4,7 +4,7 @@
 # (300 rows per task) every 2 epochs, no early stopping, UniPELT (APL) at its default rate 5e-4, cls_mlp heads.
 #   gates:   SST-2 + CoLA + STS-B + RTE, K=100 each: a gate bank per task vs shared gates + a task embedding.
 #   sampler: the same four tasks with SST-2 at K=400 (at K=100 each both rules draw the tasks uniformly):
-#            proportional vs temperature sampling (T=2).
+#            proportional vs temperature sampling (T=2), with the gates chosen above (embedding).
 # Two runs at a time, one thread each, nice 19. Resumable: a run with a summary.json is skipped.
 # Then: python results/minilm_k100_multitask/dev_choices.py > results/minilm_k100_multitask/dev_choices.md
 set -euo pipefail
@@ -26,6 +26,6 @@ mkdir -p $R
 run gates_bank "${TEN[@]}" --model.task_gates bank &
 run gates_embedding "${TEN[@]}" --model.task_gates embedding &
 wait
-run sampler_proportional "${EIGHT[@]}" --model.task_gates bank --data.sampling proportional &
-run sampler_temperature "${EIGHT[@]}" --model.task_gates bank --data.sampling temperature --data.temperature 2 &
+run sampler_proportional "${EIGHT[@]}" --model.task_gates embedding --data.sampling proportional &
+run sampler_temperature "${EIGHT[@]}" --model.task_gates embedding --data.sampling temperature --data.temperature 2 &
 wait

