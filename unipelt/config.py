@@ -35,6 +35,7 @@ class Preset:
     submodules: tuple[str, ...] = ()
     gates: tuple[str, ...] = ()
     finetune: bool = False
+    options: tuple[tuple[str, Any], ...] = ()  # flat fields besides these (``(("lora_dora", True),)``)
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -43,6 +44,7 @@ class Preset:
             return {"finetune": True}
         flat: dict[str, Any] = {s: True for s in self.submodules}
         flat.update({f"{g}_gate": True for g in self.gates})
+        flat.update(self.options)
         return flat
 
 
@@ -73,9 +75,21 @@ PRESETS: dict[str, Preset] = _PresetTable((p.name, p) for p in (
            ("adapter", "prefix", "lora")),
     # No paper row; the same ablation for APL.
     Preset("unipelt_apl_nogate", "UniPELT (APL)-NoGate", 5e-4, ("adapter", "prefix", "lora")),
+    # Issue 28, the design space: methods the paper did not have and unions that add or swap them. Rates
+    # are provisional (the closest preset's) until chosen on dev: IA3 as BitFit (trained vectors), DoRA
+    # as LoRA, the parallel adapter as the adapter, the unions as UniPELT (APL).
+    Preset("ia3", "IA3", 1e-4, ("ia3",)),
+    Preset("dora", "DoRA", 5e-4, ("lora",), options=(("lora_dora", True),)),
+    Preset("parallel_adapter", "Parallel adapter", 1e-4, ("parallel_adapter",)),
+    Preset("unipelt_apl_dora", "UniPELT (APL, DoRA)", 5e-4, ("adapter", "prefix", "lora"),
+           ("adapter", "prefix", "lora"), options=(("lora_dora", True),)),
+    Preset("unipelt_apli", "UniPELT (APLI)", 5e-4, ("adapter", "prefix", "lora", "ia3"),
+           ("adapter", "prefix", "lora", "ia3")),
+    Preset("unipelt_all", "UniPELT (all)", 5e-4, ("adapter", "parallel_adapter", "prefix", "lora", "ia3"),
+           ("adapter", "parallel_adapter", "prefix", "lora", "ia3")),
 ))
 
-_TOP_FIELDS = ("name", "finetune", "init_std", "head", "tasks", "task_gates")
+_TOP_FIELDS = ("name", "finetune", "init_std", "head", "tasks", "task_gates", "slim")
 # Multi-task gates: shared gates + a task embedding (the default, chosen on dev), or a gate bank per task.
 TASK_GATES = ("embedding", "bank")
 
@@ -96,6 +110,9 @@ class PELTConfig:
     bank whose gates add a learned per-task bias, a task embedding of the bank's size
     (``task_gates="embedding"``, the default), or a gate bank per task (``"bank"``). The model is then
     called with ``task=<name>``.
+
+    ``slim``: a model `unipelt.slim` made: the gates it kept (``"layer3.adapter"``), each at its fixed
+    value; every other gated part is removed (None: not slimmed).
     """
 
     name: str = "custom"
@@ -105,6 +122,7 @@ class PELTConfig:
     head: str = "pooler"
     tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     task_gates: str = TASK_GATES[0]
+    slim: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -116,6 +134,12 @@ class PELTConfig:
             raise PELTError(f"init_std must be a positive number, got {self.init_std!r}")
         if self.head not in HEADS:
             raise PELTError(f"head must be one of {', '.join(HEADS)}; got {self.head!r}")
+        if self.slim is not None:
+            bad = [(k, v) for k, v in (self.slim.items() if isinstance(self.slim, dict) else [("slim", self.slim)])
+                   if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))
+                   or not 0 <= v <= 1]
+            if bad:
+                raise PELTError(f"slim must map gate names to fixed values in [0, 1]; got {bad[0][0]!r}: {bad[0][1]!r}")
         for key, sub in self.submodules.items():
             if key not in TUNERS or not isinstance(sub, TUNERS[key]):
                 raise PELTError(f"submodule {key!r} must be a {TUNERS.get(key, TunerConfig).__name__}; "
@@ -193,7 +217,8 @@ class PELTConfig:
             submodules[key] = TUNERS[key](**fields)
         return cls(name=flat.get("name", "custom"), finetune=finetune, submodules=submodules,
                    init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"),
-                   tasks=flat.get("tasks") or {}, task_gates=flat.get("task_gates", TASK_GATES[0]))
+                   tasks=flat.get("tasks") or {}, task_gates=flat.get("task_gates", TASK_GATES[0]),
+                   slim=flat.get("slim"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: ``{"name", "finetune", "init_std", ["head",] "<submodule>": {fields} or null}``.
@@ -205,6 +230,8 @@ class PELTConfig:
         if self.head != "pooler":
             d["head"] = self.head
         d.update(self._task_fields())
+        if self.slim is not None:
+            d["slim"] = dict(self.slim)
         d.update({k: (self.submodules[k].to_dict() if k in self.submodules else None) for k in TUNERS})
         return d
 
@@ -218,7 +245,8 @@ class PELTConfig:
     def flat(self) -> dict[str, Any]:
         """The flat form (what ``preset`` overrides and the v1 checkpoints use)."""
         d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std,
-                             "head": self.head, **self._task_fields()}
+                             "head": self.head, **self._task_fields(),
+                             **({"slim": dict(self.slim)} if self.slim is not None else {})}
         for key in TUNERS:
             d[key] = key in self.submodules
             if key in self.submodules:
@@ -248,7 +276,7 @@ class PELTConfig:
             submodules[key] = TUNERS[key](**fields)
         return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False),
                    submodules=submodules, init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"),
-                   tasks=d.get("tasks") or {}, task_gates=d.get("task_gates", TASK_GATES[0]))
+                   tasks=d.get("tasks") or {}, task_gates=d.get("task_gates", TASK_GATES[0]), slim=d.get("slim"))
 
 
 def _task_labels(tasks: Any) -> dict[str, tuple[str, ...]]:
