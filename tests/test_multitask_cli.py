@@ -177,6 +177,12 @@ def test_a_pooler_head_and_other_tasks_than_the_checkpoint_s_are_refused(files, 
         main(["test", "--ckpt_path", best, "--data.task", "cola", "--trainer.default_root_dir", str(out)])
     assert exc.value.code == 2
     assert "--data.task='cola' is not one of --data.tasks: rte, stsb" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["slim", "--ckpt_path", best, "--out", str(tmp_path / "slim")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "a multi-task run; slim takes a single-task run" in err and "\n" not in err
+    assert not (tmp_path / "slim").exists()
 
 
 @pytest.mark.slow

@@ -159,6 +159,19 @@ def test_ungated_presets_share_everything_but_the_heads():
         assert mine == theirs
 
 
+def test_an_ungated_multitask_model_merges_its_shared_weights_and_keeps_its_heads(tmp_path):
+    model = trained(multitask("bert", "lora"), "bert")
+    merged = unipelt.merge(model)
+    assert any("lora" in n for n, _ in model.named_modules())
+    assert not any("lora" in n for n, _ in merged.named_modules())  # folded into the frozen weights
+    with torch.no_grad():
+        for task in TASKS:
+            x = inputs("bert")
+            torch.testing.assert_close(merged(**x, task=task).logits, model(**x, task=task).logits)
+    with pytest.raises(PELTError, match="PEFT cannot express the 'cls_mlp' head"):
+        unipelt.to_peft(model, tmp_path / "peft")
+
+
 def test_memory_grows_by_the_heads_and_gate_banks_only():
     hidden = 32
     single = apply_pelt(tiny("bert"), PELTConfig.preset("unipelt_apl", head="cls_mlp"))
@@ -211,6 +224,9 @@ def test_bad_use_is_one_line():
         PELTConfig.preset("lora", head="mean", tasks=TASKS, task_gates="mixed")
     with pytest.raises(PELTError, match="cannot be fixed"):
         unipelt.merge(model, gates={k: 0.5 for k in unipelt.gates.gate_keys(model)})
+    for slim_or_calibrate in (unipelt.slim, unipelt.calibrate_gates):  # its batches carry no task
+        with pytest.raises(PELTError, match=r"this model serves several tasks \(nli, sts, sent\); take one task's"):
+            slim_or_calibrate(model, [inputs("bert")])
 
 
 def test_config_round_trips_and_single_task_configs_are_unchanged():
