@@ -16,8 +16,13 @@ MAIN = {"sst2": "accuracy", "cola": "matthews", "stsb": "spearman", "rte": "accu
 GROUPS = {"gates": ("gates_bank", "gates_embedding"), "sampler": ("sampler_proportional", "sampler_temperature")}
 
 
+def logs(run: Path) -> list[Path]:
+    """The run's metrics.csv files in order: version_1 onwards are what a resumed run logged after its last.ckpt."""
+    return sorted(run.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+
+
 def evaluations(run: Path) -> list[dict[str, float]]:
-    rows = list(csv.DictReader((run / "lightning_logs" / "version_0" / "metrics.csv").open()))
+    rows = [r for log in logs(run) for r in csv.DictReader(log.open())]
     return [{k: float(v) for k, v in r.items() if v and (k.startswith("val/") or k == "epoch")}
             for r in rows if r.get("val/mean")]
 
@@ -40,8 +45,9 @@ def main() -> None:
             summary = json.loads((DEV / name / "summary.json").read_text())
             curve = ", ".join(f"{100 * e['val/mean']:.1f}" for e in evals)
             cells = " | ".join(f"{100 * best[f'val/{t}/{MAIN[t]}']:.1f}" for t in TASKS)
+            resumed = " (after its resume)" if len(logs(DEV / name)) > 1 else ""
             print(f"| {name} | {curve} | **{100 * best['val/mean']:.1f}** | {cells} | "
-                  f"{summary['fit_time_s'] / 60:.0f} min |")
+                  f"{summary['fit_time_s'] / 60:.0f} min{resumed} |")
         print()
 
 

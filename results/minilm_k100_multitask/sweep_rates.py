@@ -23,7 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from reproduce.selection import choose, dev_scores
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's reproduce/, not an installed one
+from reproduce.selection import choose, dev_scores  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SINGLE = HERE.parent / "minilm_k100_head" / "learning_rates.json"
