@@ -5,7 +5,7 @@
 # every 2 epochs, 20-40 epochs, patience 5 on val/mean, best dev checkpoint tested. A multi-task epoch is one pass
 # over every task's 100 rows, so each task trains as many steps on its own rows as in its single-task run (and a
 # run costs about four single-task runs: ~25 min, two at a time on 2 cores). Gates shared with a task embedding
-# (a dev choice) and proportional sampling (the default; its dev comparison is pending): README.md.
+# and proportional sampling: the dev choices of README.md (configs/multitask_k100.yaml).
 # Resumable: run it again; every finished run leaves a metrics.json: commit them as they come
 # (git add results/minilm_k100_multitask). Two runs at a time (one thread each), nice 10.
 #   bash results/minilm_k100_multitask/grid.sh             # everything below, or what is left of it
