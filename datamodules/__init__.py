@@ -10,6 +10,7 @@ from datamodules.tasks import GLUE_TASKS, TaskInfo, custom_task, get_task, task_
 
 if TYPE_CHECKING:
     from datamodules.files import task_name_of
+    from datamodules.multitask import MultiTaskDataModule
     from datamodules.text import GLUEDataModule, TextDataModule
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "GLUEDataModule",
     "GLUE_TASKS",
     "HubUnreachableError",
+    "MultiTaskDataModule",
     "TaskInfo",
     "TextDataModule",
     "custom_task",
@@ -32,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from datamodules import text
 
         return getattr(text, name)
+    if name == "MultiTaskDataModule":
+        from datamodules.multitask import MultiTaskDataModule
+
+        return MultiTaskDataModule
     if name == "task_name_of":
         from datamodules.files import task_name_of
 

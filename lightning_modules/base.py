@@ -329,6 +329,11 @@ class PELTModule(pl.LightningModule):
         """What this kind of run adds to `summary.json` (and `best_val`, given, may gain)."""
         return {}
 
+    def card_info(self, test: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
+        """What `export/`'s model card records besides K (``extra``: `summary_fields`' output): the task, the
+        test scores and, when the summary has them, the mean test gates."""
+        return {"task": self.task_name, "metrics": test, **({"gates": extra["gates"]} if "gates" in extra else {})}
+
     def parameter_counts(self) -> dict[str, Any]:
         """Trainable parameters as the paper counts them, and as a share of the pretrained backbone alone
         (without head or added modules): the one percentage the summary, the log and the report show."""

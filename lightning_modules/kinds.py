@@ -18,20 +18,39 @@ import yaml
 from datamodules import TextDataModule
 from datamodules.files import task_name_of
 from datamodules.instruct import InstructionDataModule
+from datamodules.multitask import MultiTaskDataModule
 from lightning_modules.causal_lm import TASK as INSTRUCTION_TASK
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.checkpointing import CHECKPOINT_KEY, load_checkpoint_file
 from lightning_modules.errors import CheckpointFileError
+from lightning_modules.multitask_module import MultiTaskModule
 from lightning_modules.unipelt_module import UniPELTLightningModule
 
 SPECIAL_CKPT = ("last", "best", "hpc", "registry")  # `ckpt_path` values Lightning resolves itself
 
-__all__ = ["CLASSIFICATION", "INSTRUCTION", "RunKind", "SPECIAL_CKPT", "choose_kind", "option_value"]
+__all__ = ["CLASSIFICATION", "INSTRUCTION", "MULTITASK", "RunKind", "SPECIAL_CKPT", "choose_kind", "option_value"]
 
 
 def _task_for_model(dm: Any) -> str | dict[str, Any]:
     """What the data module tells the classifier: a GLUE task's name, or your task's full description."""
     return dm.task_info.name if dm.task_info.is_glue else dm.task_info.to_dict()
+
+
+def _tasks_for_model(dm: Any) -> list[str | dict[str, Any]]:
+    """A multi-task data module's tasks, each as `_task_for_model` gives one."""
+    return [t.name if t.is_glue else t.to_dict() for t in dm.task_infos]
+
+
+def _multitask_folder(config: Any) -> str:
+    """The run folder's task of a multi-task run: its tasks' names joined by "+" (sst2+rte)."""
+    names = []
+    for task in config.data.tasks or []:
+        if isinstance(task, str):
+            names.append(task.lower().replace("-", ""))
+        else:
+            task = dict(task)
+            names.append(str(task.get("task") or task.get("name") or task_name_of(str(task.get("train_file")))))
+    return "+".join(names) or "multitask"
 
 
 def _classification_task(config: Any) -> str:
@@ -69,6 +88,10 @@ CLASSIFICATION = RunKind(
     "classification", UniPELTLightningModule, TextDataModule, _classification_task,
     links=({"source": "data", "target": "model.task", "compute_fn": _task_for_model, "apply_on": "instantiate"},),
 )
+MULTITASK = RunKind(
+    "multitask", MultiTaskModule, MultiTaskDataModule, _multitask_folder,
+    links=({"source": "data", "target": "model.tasks", "compute_fn": _tasks_for_model, "apply_on": "instantiate"},),
+)
 INSTRUCTION = RunKind(
     INSTRUCTION_TASK, CausalLMModule, InstructionDataModule, lambda config: INSTRUCTION_TASK,
     links=({"source": "model.gguf_file", "target": "data.gguf_file"},),
@@ -76,16 +99,19 @@ INSTRUCTION = RunKind(
 
 
 def choose_kind(argv: list[str]) -> RunKind:
-    """The one rule. A `--ckpt_path` file says what it was trained for (its recorded task); without one,
-    a command line or `--config` file naming an option only instruction runs have (e.g.
-    `--data.prompt_field`, `--model.max_new_tokens`) is an instruction run, anything else classification."""
+    """The one rule. A `--ckpt_path` file says what it was trained for (its recorded task, or tasks); without
+    one, a command line or `--config` file naming an option only instruction runs have (e.g.
+    `--data.prompt_field`, `--model.max_new_tokens`) is an instruction run, one naming an option only
+    multi-task runs have (`--data.tasks`, ...) a multi-task run, anything else classification."""
     ckpt = option_value(argv, "--ckpt_path")
     if ckpt and ckpt not in SPECIAL_CKPT and Path(ckpt).is_file():
         try:
-            task = load_checkpoint_file(ckpt, mmap=True)[CHECKPOINT_KEY].get("task")
+            saved = load_checkpoint_file(ckpt, mmap=True)[CHECKPOINT_KEY]
         except CheckpointFileError:
             return CLASSIFICATION  # the CLI refuses the file in one line
-        return INSTRUCTION if task == INSTRUCTION_TASK else CLASSIFICATION
+        if saved.get("tasks") is not None:
+            return MULTITASK
+        return INSTRUCTION if saved.get("task") == INSTRUCTION_TASK else CLASSIFICATION
     named = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
     for path in option_values(argv, "--config", "-c"):
         try:
@@ -95,7 +121,9 @@ def choose_kind(argv: list[str]) -> RunKind:
         if isinstance(config, dict):
             named |= {f"--{section}.{key}" for section in ("model", "data")
                       if isinstance(config.get(section), dict) for key in config[section]}
-    return INSTRUCTION if named & (INSTRUCTION.options - CLASSIFICATION.options) else CLASSIFICATION
+    if named & (INSTRUCTION.options - CLASSIFICATION.options):
+        return INSTRUCTION
+    return MULTITASK if named & (MULTITASK.options - CLASSIFICATION.options) else CLASSIFICATION
 
 
 def option_values(argv: list[str], *names: str) -> list[str]:

@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from datamodules import DataConfigError, HubUnreachableError
+from datamodules.multitask import predict_tasks
 from lightning_modules.checkpointing import AtomicCheckpointIO, load_checkpoint_file
 from lightning_modules.compat import CLIWithCheckpointCheck
 from lightning_modules.errors import (
@@ -38,7 +39,7 @@ from lightning_modules.help import (
     store_help,
     subcommand_parser_kwargs,
 )
-from lightning_modules.kinds import CLASSIFICATION, SPECIAL_CKPT, RunKind, choose_kind, option_value
+from lightning_modules.kinds import CLASSIFICATION, MULTITASK, SPECIAL_CKPT, RunKind, choose_kind, option_value
 from lightning_modules.predictions import PredictionWriter
 from lightning_modules.summary import NO_TEST_FILE_NOTE, SUMMARY_FILE, RunSummary
 from unipelt import PELTError
@@ -88,6 +89,8 @@ def checkpoint_defaults(subcommand: str, checkpoint: dict[str, Any], kind: RunKi
         })
     if subcommand == "predict":  # never the files of training, nor of an earlier predict
         defaults.update({f"data.{key}": None for key in ("train_file", "validation_file", "test_file", "predict_file")})
+        if isinstance(model.get("tasks"), list):  # a multi-task run's tasks as trained, without their files
+            defaults["data.tasks"] = predict_tasks(model["tasks"])
     return {k: v for k, v in defaults.items() if k not in kind.link_targets}
 
 
@@ -194,6 +197,9 @@ class PELTCLI(CLIWithCheckpointCheck):
                 config.trainer.default_root_dir = str(run_folder_of(config.ckpt_path))
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(default_run_dir(config, self.kind))
+        if self.kind is MULTITASK and config.trainer.strategy == "ddp":
+            # Each step trains one task's head and gates: the other tasks' take no gradient in it.
+            config.trainer.strategy = "ddp_find_unused_parameters_true"
         if self.subcommand == "fit":
             summary = Path(config.trainer.default_root_dir) / SUMMARY_FILE
             if summary.exists() and not config.overwrite:

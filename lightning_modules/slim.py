@@ -67,12 +67,15 @@ def main(argv: list[str]) -> int:
 def slim_run(options: argparse.Namespace, rest: list[str]) -> int:
     import unipelt
     from lightning_modules.checkpointing import load_checkpoint_file
-    from lightning_modules.kinds import choose_kind
+    from lightning_modules.kinds import MULTITASK, choose_kind
     from lightning_modules.run import PELTCLI, checkpoint_defaults
     from unipelt.atomic import atomic_write
 
     checkpoint = load_checkpoint_file(options.ckpt_path)
     kind = choose_kind(["--ckpt_path", options.ckpt_path, *rest])
+    if kind is MULTITASK:  # its gates differ per task: slim one task's model (unipelt.slim of an export's task)
+        raise UsageError(f"--ckpt_path {options.ckpt_path!r}: a multi-task run; slim takes a single-task run "
+                         "(unipelt.slim takes one task of its export: unipelt.from_pretrained(folder, task=...))")
     cli = PELTCLI(kind, args=[*rest, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"],
                   run=False, ckpt_defaults=checkpoint_defaults("validate", checkpoint, kind))
     module, data = cli.model, cli.datamodule

@@ -91,13 +91,11 @@ class RunSummary(pl.Callback):
         dm = trainer.datamodule
         best_val = {"name": module.main_metric, "value": fit["best_score"]}
         extra = module.summary_fields(dm, best_val)
-        gates = {"gates": extra["gates"]} if "gates" in extra else {}  # a classifier's mean test gates
         export = None
         if module.hparams.method != "finetune":  # fine-tuning: the checkpoint is the model
             export = save_pretrained(module.model, root / "export",
                                      base_model_name_or_path=portable_name(module.hparams.model_name_or_path),
-                                     task=module.task_name, k_shot=dm.hparams.k_shot, metrics=test,
-                                     **gates)
+                                     k_shot=dm.hparams.k_shot, **module.card_info(test, extra))
         summary = {
             "task": module.task_name,
             "k_shot": dm.hparams.k_shot,

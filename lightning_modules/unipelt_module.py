@@ -48,18 +48,12 @@ class UniPELTLightningModule(PELTModule):
     ) -> None:
         super().__init__(**kwargs)
         self.task_info: TaskInfo = task_from(task)
-        overrides = dict(self.hparams.pelt_overrides or {})
-        if head is not None:  # --model.head feeds the PELTConfig like an override
-            check_options(head=(head, overrides.get("head", head) == head,
-                                 f"the head pelt_overrides gives ({overrides.get('head')!r}), or left unset"))
-            overrides["head"] = head
-        self.configure_method(overrides)
+        self.configure_method(with_head(self.hparams.pelt_overrides, head))
         self.model = self._build_model()
         self.main_metric = f"val/{self.task_info.main_metric}"
         self.val_metrics = self._metrics("val/")
         self.test_metrics = torch.nn.ModuleList(self._metrics(f"{split}/") for split in self.task_info.test_splits)
-        self._gate_sums: dict[str, torch.Tensor] = {}
-        self._gate_count = 0
+        self._gates = GateMeans()
         self.last_test_gates: dict[str, float] = {}
         self.last_test_examples = 0
 
@@ -74,19 +68,14 @@ class UniPELTLightningModule(PELTModule):
         return self.adapt(model)
 
     def _metrics(self, prefix: str) -> MetricCollection:
-        return MetricCollection({m: make_metric(m, self.task_info) for m in self.task_info.metrics}, prefix=prefix)
+        return task_metrics(self.task_info, prefix)
 
     def _predictions(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.squeeze(-1) if self.task_info.is_regression else logits.argmax(-1)
+        return predictions(logits, self.task_info)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Per row: its `idx` (to restore the input order), the prediction (label id or score), probabilities."""
-        inputs = {k: v for k, v in batch.items() if k not in ("idx", "labels")}
-        logits = self.model(**inputs).logits.float()
-        out = {"idx": batch["idx"].cpu(), "prediction": self._predictions(logits).cpu()}
-        if not self.task_info.is_regression:
-            out["probs"] = logits.softmax(-1).cpu()
-        return out
+        return predicted_rows(self.model, batch, self.task_info)
 
     # ----------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -102,7 +91,7 @@ class UniPELTLightningModule(PELTModule):
         self.log(
             f"{stage}/loss", out.loss, sync_dist=True, add_dataloader_idx=False, batch_size=batch["labels"].shape[0]
         )
-        self._accumulate_gates(batch["attention_mask"].shape[0])
+        self._gates.add(gate_values(self.model), batch["attention_mask"].shape[0])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -111,38 +100,18 @@ class UniPELTLightningModule(PELTModule):
         self._eval_step(batch, self.test_metrics[dataloader_idx], self.task_info.test_splits[dataloader_idx])
 
     # ----------------------------------------------------------------------------- gates
-    def _accumulate_gates(self, batch_size: int) -> None:
-        """Sum per-example gates on the device; no host sync until the epoch ends."""
-        for name, values in gate_values(self.model).items():
-            total = values.detach().float().sum()
-            self._gate_sums[name] = self._gate_sums.get(name, 0) + total
-        self._gate_count += batch_size
-
-    def _reduce_gates(self) -> dict[str, float]:
-        """Mean gate per layer and submodule over every evaluated example, across ranks."""
-        count = self.trainer.strategy.reduce(torch.tensor(float(self._gate_count), device=self.device), reduce_op="sum")
-        means = {}
-        for name in sorted(self._gate_sums):
-            total = self.trainer.strategy.reduce(self._gate_sums[name].to(self.device), reduce_op="sum")
-            means[name] = float(total / count.clamp(min=1))
-        self._gate_sums, self._gate_count = {}, 0
-        return means
-
     def on_validation_epoch_start(self) -> None:
-        self._gate_sums, self._gate_count = {}, 0
+        self._gates = GateMeans()
 
     on_test_epoch_start = on_validation_epoch_start
 
     def on_validation_epoch_end(self) -> None:
-        gates = self._reduce_gates()
+        _, gates = self._gates.reduce(self.trainer.strategy, self.device)
         if gates:  # already reduced over every rank: rank zero logs the one value
             self.log_dict({f"gate/{k}": v for k, v in gates.items()}, rank_zero_only=True)
 
     def on_test_epoch_end(self) -> None:
-        self.last_test_examples = int(
-            self.trainer.strategy.reduce(torch.tensor(float(self._gate_count), device=self.device), reduce_op="sum")
-        )
-        self.last_test_gates = self._reduce_gates()
+        self.last_test_examples, self.last_test_gates = self._gates.reduce(self.trainer.strategy, self.device)
 
     # ----------------------------------------------------------------------------- checkpoints
     def checkpoint_identity(self) -> dict[str, Any]:
@@ -183,15 +152,74 @@ class UniPELTLightningModule(PELTModule):
         }
 
     def predictions_path(self, datamodule: Any, given: str | None, run_folder: Path) -> Path:
-        """Your file's rows: `given` (.csv, .tsv, .jsonl), else `<run>/predictions/<file>.csv`; a GLUE
-        test set: a folder of leaderboard files, `given` else `<run>/predictions/`."""
-        predict_file = datamodule.predict_file
-        if given is None:
-            folder = run_folder / "predictions"
-            return folder / f"{Path(predict_file).stem}.csv" if predict_file else folder
-        if predict_file is not None and Path(given).suffix.lower() not in FILE_FORMATS:
-            raise UsageError(f"--predictions {given!r}: give a .csv, .tsv or .jsonl file for --data.predict_file")
-        return Path(given)
+        return predictions_target(datamodule.predict_file, given, run_folder)
 
     def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
         return write_predictions(outputs, datamodule, self.task_info, target)
+
+
+# ----------------------------------------------------------------------------- shared with the multi-task module
+def with_head(overrides: dict[str, Any] | None, head: str | None) -> dict[str, Any]:
+    """`pelt_overrides` with `--model.head` in them (it feeds the PELTConfig like an override); both given: the same."""
+    overrides = dict(overrides or {})
+    if head is not None:
+        check_options(head=(head, overrides.get("head", head) == head,
+                             f"the head pelt_overrides gives ({overrides.get('head')!r}), or left unset"))
+        overrides["head"] = head
+    return overrides
+
+
+def task_metrics(task: TaskInfo, prefix: str) -> MetricCollection:
+    """The task's torchmetrics, logged as ``<prefix><metric>``."""
+    return MetricCollection({m: make_metric(m, task) for m in task.metrics}, prefix=prefix)
+
+
+def predictions(logits: torch.Tensor, task: TaskInfo) -> torch.Tensor:
+    """Label ids, or scores for a regression."""
+    return logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+
+
+def predicted_rows(model: torch.nn.Module, batch: dict[str, torch.Tensor], task_info: TaskInfo,
+                   **call: Any) -> dict[str, Any]:
+    """Per row: its `idx` (to restore the input order), the prediction (label id or score), probabilities;
+    ``call``: more arguments of the model (a multi-task model's ``task``)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("idx", "labels")}
+    logits = model(**inputs, **call).logits.float()
+    out = {"idx": batch["idx"].cpu(), "prediction": predictions(logits, task_info).cpu()}
+    if not task_info.is_regression:
+        out["probs"] = logits.softmax(-1).cpu()
+    return out
+
+
+def predictions_target(predict_file: str | None, given: str | None, run_folder: Path) -> Path:
+    """Your file's rows: `given` (.csv, .tsv, .jsonl), else `<run>/predictions/<file>.csv`; a GLUE
+    test set: a folder of leaderboard files, `given` else `<run>/predictions/`."""
+    if given is None:
+        folder = run_folder / "predictions"
+        return folder / f"{Path(predict_file).stem}.csv" if predict_file else folder
+    if predict_file is not None and Path(given).suffix.lower() not in FILE_FORMATS:
+        raise UsageError(f"--predictions {given!r}: give a .csv, .tsv or .jsonl file for --data.predict_file")
+    return Path(given)
+
+
+class GateMeans:
+    """Per-example gates summed on the device over an evaluation (no host sync until it ends), then the mean
+    gate per layer and submodule over every evaluated example, across ranks."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, gates: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, values in gates.items():
+            self.sums[name] = self.sums.get(name, 0) + values.detach().float().sum()
+        self.count += batch_size
+
+    def reduce(self, strategy: Any, device: torch.device) -> tuple[int, dict[str, float]]:
+        """(examples, mean gates), summed over every rank (a collective call: every rank calls it)."""
+        count = strategy.reduce(torch.tensor(float(self.count), device=device), reduce_op="sum")
+        means = {}
+        for name in sorted(self.sums):
+            total = strategy.reduce(self.sums[name].to(device), reduce_op="sum")
+            means[name] = float(total / count.clamp(min=1))
+        return int(count), means

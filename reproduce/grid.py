@@ -116,11 +116,15 @@ def parse_ints(spec: str) -> list[int]:
     return sorted(out)
 
 
+MULTITASK = "+"  # a task `sst2+cola+rte` is one multi-task run of those tasks (configs/multitask_<k>.yaml)
+
+
 def parse_names(spec: str, known: Iterable[str], what: str) -> list[str]:
-    """Comma list or ``all``; unknown names are an error rather than a silently empty grid."""
+    """Comma list or ``all``; unknown names are an error rather than a silently empty grid. A task may be a
+    multi-task run, its tasks joined by ``+``."""
     known = list(known)
     names = known if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
-    bad = [n for n in names if n not in known]
+    bad = [n for n in names if any(part not in known for part in (n.split(MULTITASK) if what == "task" else [n]))]
     if bad:
         raise SystemExit(f"unknown {what}: {', '.join(bad)} (known: {', '.join(known)})")
     return names
@@ -137,7 +141,11 @@ def plan(tasks: Sequence[str], ks: Sequence[str], methods: Sequence[str], seeds:
 
 def command(run: Run, opts: GridOptions, run_dir: Path) -> list[str]:
     """The exact CLI invocation of one run."""
-    cmd = [*opts.cli, "fit", "--config", str(opts.configs_dir / f"{run.task}_{k_tag(run.k)}.yaml")]
+    tasks = run.task.split(MULTITASK)
+    config = f"multitask_{k_tag(run.k)}" if len(tasks) > 1 else f"{run.task}_{k_tag(run.k)}"
+    cmd = [*opts.cli, "fit", "--config", str(opts.configs_dir / f"{config}.yaml")]
+    if len(tasks) > 1:
+        cmd += ["--data.tasks", f"[{', '.join(tasks)}]"]
     cmd += ["--model.method", run.method, "--data.seed", str(run.seed), "--seed_everything", str(run.seed)]
     cmd += ["--trainer.default_root_dir", str(run_dir)]
     if opts.data_dir:
@@ -514,7 +522,8 @@ def _load_method_args(path: Path | None) -> dict[str, list[str]]:
         raise SystemExit(f"--method-args {path}: cannot read it as JSON ({e})") from None
     if not isinstance(raw, dict):
         raise SystemExit(f"--method-args {path}: expected an object like {{'lora': [args...]}}")
-    bad = [k for k in raw if k.rpartition(":")[2] not in METHODS or (":" in k and k.partition(":")[0] not in TASKS)]
+    bad = [k for k in raw if k.rpartition(":")[2] not in METHODS
+           or (":" in k and any(t not in TASKS for t in k.partition(":")[0].split(MULTITASK)))]
     if bad:
         raise SystemExit(
             f"--method-args {path}: unknown key(s) {', '.join(bad)}; keys are <method> or <task>:<method> "

@@ -75,8 +75,10 @@ def method_args(chosen: dict[str, tuple[float, float]], inherit: dict[str, str],
 
 def to_markdown(scores: DevScores, chosen: dict[str, tuple[float, float]]) -> str:
     """Dev scores (x100, mean over seeds) per method, rate and task; "compared" is what the choice used."""
-    tasks = [t for t in TASKS if any(t == task for runs in scores.values() for task, _ in runs)]
-    head = "| method | learning rate | " + " | ".join(TASKS[t].paper_name for t in tasks) + " | compared | chosen |"
+    present = {task for runs in scores.values() for task, _ in runs}
+    tasks = [t for t in TASKS if t in present] + sorted(present - set(TASKS))  # then multi-task runs (sst2+rte)
+    head = "| method | learning rate | " + " | ".join(TASKS[t].paper_name if t in TASKS else t for t in tasks) \
+        + " | compared | chosen |"
     lines = [head, "|" + "---|" * (len(tasks) + 4)]
     for method, lr in sorted(scores, key=lambda ml: (list(METHODS).index(ml[0]), ml[1])):
         runs = scores[(method, lr)]

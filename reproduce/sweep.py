@@ -5,6 +5,7 @@ The results grids' `sweep_rates.py` scripts name their arms and base rates; this
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,6 +16,18 @@ from reproduce.selection import choose, dev_scores, runs_of
 def arm_name(power: int) -> str:
     """x1 for the base rate, x3 / x9 above it, d3 / d9 below it."""
     return "x1" if power == 0 else (f"x{3 ** power}" if power > 0 else f"d{3 ** -power}")
+
+
+def write_arm(folder: Path, power: int, pairs: Iterable[tuple[str, str]],
+              base_rate: Callable[[str, str], float]) -> Path:
+    """``folder/sweep_<arm>.json``: `<task>:<method>` -> its learning rate x 3**power, merged with what the file
+    already holds (edge arms grow per task)."""
+    path = folder / f"sweep_{arm_name(power)}.json"
+    args = json.loads(path.read_text()) if path.exists() else {}
+    for task, method in pairs:
+        args[f"{task}:{method}"] = f"--model.learning_rate {base_rate(task, method) * 3.0 ** power:.4g}"
+    path.write_text(json.dumps(dict(sorted(args.items())), indent=1) + "\n")
+    return path
 
 
 def edge_arms(sweep: Path, tasks: Iterable[str], methods: Iterable[str],

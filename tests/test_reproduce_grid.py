@@ -356,3 +356,22 @@ def test_method_args_keys_are_checked_and_uncovered_methods_are_named(tmp_path, 
     assert "gives no arguments for adapter: those runs use the config's defaults" in err
     commands = out.strip().splitlines()
     assert len(commands) == 4 and sum("--model.learning_rate 3e-3" in c for c in commands) == 1
+
+
+def test_a_multi_task_run_is_its_tasks_joined_by_plus(tmp_path):
+    from reproduce.grid import command, main, parse_names
+    from reproduce.tasks import TASKS
+
+    assert parse_names("sst2+rte,rte", TASKS, "task") == ["sst2+rte", "rte"]
+    with pytest.raises(SystemExit, match="unknown task: sst2\\+foo"):
+        parse_names("sst2+foo", TASKS, "task")
+    with pytest.raises(SystemExit, match="unknown method: lora\\+adapter"):
+        parse_names("lora+adapter", ["lora", "adapter"], "method")
+    opts = GridOptions(out=tmp_path, configs_dir=tmp_path / "configs")
+    cmd = command(Run("sst2+cola+rte", "100", "lora", 2), opts, tmp_path / "run")
+    assert cmd[cmd.index("--config") + 1] == str(tmp_path / "configs" / "multitask_k100.yaml")
+    assert cmd[cmd.index("--data.tasks") + 1] == "[sst2, cola, rte]" and cmd[cmd.index("--data.seed") + 1] == "2"
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps({"sst2+rte:lora": "--model.learning_rate 1e-3"}))
+    assert main(["--tasks", "sst2+rte", "--methods", "lora", "--seeds", "0", "--out", str(tmp_path / "g"),
+                 "--method-args", str(rates), "--dry-run"]) == 0

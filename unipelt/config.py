@@ -9,6 +9,7 @@ use is an error, not a silently ignored value.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from .errors import PELTError
 from .heads import HEADS
 from .tuners import TUNERS, TunerConfig
 
-__all__ = ["PELTConfig", "PELTError", "PRESETS", "Preset"]
+__all__ = ["PELTConfig", "PELTError", "PRESETS", "Preset", "TASK_GATES"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ PRESETS: dict[str, Preset] = _PresetTable((p.name, p) for p in (
            ("adapter", "parallel_adapter", "prefix", "lora", "ia3")),
 ))
 
-_TOP_FIELDS = ("name", "finetune", "init_std", "head", "slim")
+_TOP_FIELDS = ("name", "finetune", "init_std", "head", "tasks", "task_gates", "slim")
+# Multi-task gates: shared gates + a task embedding (the default, chosen on dev), or a gate bank per task.
+TASK_GATES = ("embedding", "bank")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,14 @@ class PELTConfig:
     constant scale: 1 for adapter and prefix, ``lora_alpha / lora_r`` for LoRA (the
     authors' code). ``finetune`` trains every weight and excludes the others. ``head``: the
     classification head (``unipelt.heads.HEADS``; ``pooler``, the model's own, is the paper's).
+
+    ``tasks`` (multi-task, docs/method.md#multi-task): each task's name and label names (none: a
+    regression; a number n: n labels named ``LABEL_i``), in order. The backbone and every submodule are
+    shared; each task has its own pooling head and, for gated submodules, its own gates: one shared gate
+    bank whose gates add a learned per-task bias, a task embedding of the bank's size
+    (``task_gates="embedding"``, the default), or a gate bank per task (``"bank"``). The model is then
+    called with ``task=<name>``.
+
     ``slim``: a model `unipelt.slim` made: the gates it kept (``"layer3.adapter"``), each at its fixed
     value; every other gated part is removed (None: not slimmed).
     """
@@ -109,6 +120,8 @@ class PELTConfig:
     submodules: dict[str, TunerConfig] = field(default_factory=dict)
     init_std: float = 0.02
     head: str = "pooler"
+    tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    task_gates: str = TASK_GATES[0]
     slim: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
@@ -137,6 +150,12 @@ class PELTConfig:
         # in registry order, whatever order they were given in
         object.__setattr__(self, "submodules",
                            {k: self.submodules[k] for k in TUNERS if k in self.submodules})
+        object.__setattr__(self, "tasks", _task_labels(self.tasks))
+        if self.task_gates not in TASK_GATES:
+            raise PELTError(f"task_gates must be one of {', '.join(TASK_GATES)}; got {self.task_gates!r}")
+        if self.tasks and self.head not in ("mean", "cls_mlp"):
+            raise PELTError(f"head {self.head!r} cannot serve several tasks (the model's own head has one label "
+                            f"set); a multi-task model needs head mean or cls_mlp, one per task")
 
     def __getattr__(self, name: str) -> Any:
         """Flat read access: ``cfg.lora_r``, ``cfg.adapter_gate``; ``cfg.adapter`` is the sub-config or None."""
@@ -197,26 +216,37 @@ class PELTConfig:
                 continue
             submodules[key] = TUNERS[key](**fields)
         return cls(name=flat.get("name", "custom"), finetune=finetune, submodules=submodules,
-                   init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"), slim=flat.get("slim"))
+                   init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"),
+                   tasks=flat.get("tasks") or {}, task_gates=flat.get("task_gates", TASK_GATES[0]),
+                   slim=flat.get("slim"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: ``{"name", "finetune", "init_std", ["head",] "<submodule>": {fields} or null}``.
 
-        ``head`` is written only when it is not the default ``pooler``: configs and checkpoint
-        identities written before heads existed stay equal to today's.
+        ``head`` is written only when it is not the default ``pooler``, ``tasks`` and ``task_gates`` only for a
+        multi-task model: configs and checkpoint identities written before they existed stay equal to today's.
         """
         d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std}
         if self.head != "pooler":
             d["head"] = self.head
+        d.update(self._task_fields())
         if self.slim is not None:
             d["slim"] = dict(self.slim)
         d.update({k: (self.submodules[k].to_dict() if k in self.submodules else None) for k in TUNERS})
         return d
 
+    def _task_fields(self) -> dict[str, Any]:
+        if not self.tasks:
+            return {}
+        # a list: the tasks' order is the model's (heads, gates), and JSON writers may sort a mapping's keys
+        return {"tasks": [{"name": name, "labels": list(labels)} for name, labels in self.tasks.items()],
+                "task_gates": self.task_gates}
+
     def flat(self) -> dict[str, Any]:
         """The flat form (what ``preset`` overrides and the v1 checkpoints use)."""
         d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std,
-                             "head": self.head, **({"slim": dict(self.slim)} if self.slim is not None else {})}
+                             "head": self.head, **self._task_fields(),
+                             **({"slim": dict(self.slim)} if self.slim is not None else {})}
         for key in TUNERS:
             d[key] = key in self.submodules
             if key in self.submodules:
@@ -244,8 +274,31 @@ class PELTConfig:
             if bad:
                 raise PELTError(f"unknown {key} field {bad[0]!r}; allowed: {', '.join(names)}")
             submodules[key] = TUNERS[key](**fields)
-        return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False), submodules=submodules,
-                   init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"), slim=d.get("slim"))
+        return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False),
+                   submodules=submodules, init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"),
+                   tasks=d.get("tasks") or {}, task_gates=d.get("task_gates", TASK_GATES[0]), slim=d.get("slim"))
+
+
+def _task_labels(tasks: Any) -> dict[str, tuple[str, ...]]:
+    """``{name: label names | number of labels}`` (or ``to_dict``'s list of ``{"name", "labels"}``) ->
+    ``{name: label names}`` (a regression: none)."""
+    if isinstance(tasks, list) and all(isinstance(t, Mapping) and set(t) == {"name", "labels"} for t in tasks):
+        if len({t["name"] for t in tasks}) < len(tasks):
+            raise PELTError(f"tasks: a task is named twice in {[t['name'] for t in tasks]}")
+        tasks = {t["name"]: t["labels"] for t in tasks}
+    if not isinstance(tasks, Mapping):
+        raise PELTError(f"tasks must map each task's name to its label names (or number of labels), got {tasks!r}")
+    out = {}
+    for name, labels in tasks.items():
+        if not isinstance(name, str) or not name or "." in name:
+            raise PELTError(f"task name {name!r}: must be a non-empty string without '.'")
+        if isinstance(labels, int) and not isinstance(labels, bool) and labels >= 1:
+            labels = () if labels == 1 else tuple(f"LABEL_{i}" for i in range(labels))
+        if isinstance(labels, str) or not isinstance(labels, (list, tuple)) or len(labels) == 1:
+            raise PELTError(f"task {name!r}: labels must be a list of two or more names, [] for a regression, "
+                            f"or a number of labels; got {labels!r}")
+        out[name] = tuple(str(label) for label in labels)
+    return out
 
 
 def _field_names(key: str) -> list[str]:

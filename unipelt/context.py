@@ -74,13 +74,14 @@ class Stack:
 class ForwardContext:
     """State of one forward of one model; see the module docstring."""
 
-    __slots__ = ("owner", "weights", "shared", "make_static", "causal", "gates", "record", "cache")
+    __slots__ = ("owner", "weights", "shared", "make_static", "causal", "gates", "record", "cache", "task")
 
     def __init__(self, owner: int, token_weights: torch.Tensor | Callable[[], torch.Tensor],
                  shared: dict[str, torch.Tensor] | None = None, causal: bool = False,
-                 make_static: dict[str, str] | None = None) -> None:
+                 make_static: dict[str, str] | None = None, task: int | None = None) -> None:
         self.owner = owner  # id() of the base model whose forward this is
         self.causal = causal  # decoders: gates stay per token
+        self.task = task  # a multi-task model: the index of this batch's task (its gates and head)
         self.weights = token_weights  # or a function computing them: decoders need them only on request
         # what a tuner computes once per forward for every layer (``Target.share``): the prefix network's output
         self.shared: dict[str, torch.Tensor] = shared or {}
@@ -110,7 +111,7 @@ class ForwardContext:
 
     def replay(self) -> ForwardContext:
         """The same batch with an empty gate cache, for a checkpointed layer's recomputation."""
-        ctx = ForwardContext(self.owner, self.weights, self.shared, self.causal, self.make_static)
+        ctx = ForwardContext(self.owner, self.weights, self.shared, self.causal, self.make_static, self.task)
         ctx.record = self.record
         return ctx
 
@@ -129,6 +130,14 @@ def _token_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 FORWARDS = Stack("unipelt_forward_context")  # the ForwardContexts of the base models now running
+# A multi-task model's forward (``model(**batch, task=...)``): (id of its base model, the task's index).
+TASKS = Stack("unipelt_task")
+
+
+def task_of(owner: int) -> int | None:
+    """The task index the running forward of base model ``owner`` was called with (None: single-task)."""
+    entry = TASKS.top()
+    return entry[1] if entry is not None and entry[0] == owner else None
 
 
 def current() -> ForwardContext:

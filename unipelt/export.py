@@ -44,7 +44,7 @@ from .tuners.base import WRAPPED, Merge, backbone_path, is_ours
 
 def calibrate_gates(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
     """Each gate's mean over every example of ``batches`` (HF keyword dicts, e.g. a DataLoader), in eval mode."""
-    unslimmed(model)
+    one_task(model, "calibrate_gates")
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     count = 0
@@ -177,6 +177,16 @@ def unslimmed(model: nn.Module) -> PELTConfig:
     if config.slim is not None:
         raise PELTError("this model is slimmed (for inference: its gates fixed or removed); use the model it was "
                         "slimmed from")
+    return config
+
+
+def one_task(model: nn.Module, what: str) -> PELTConfig:
+    """The config of a model with its gates and one task: a multi-task model's batches carry no task, and its
+    gates differ per task."""
+    config = unslimmed(model)
+    if config.tasks:
+        raise PELTError(f"{what}: this model serves several tasks ({', '.join(config.tasks)}); take one task's "
+                        "model first (unipelt.from_pretrained(folder, task=...))")
     return config
 
 

@@ -13,7 +13,7 @@ input to 128).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -42,9 +42,13 @@ class GateBank(nn.Module):
 
         The sigmoid runs in float32 (stable under bf16 autocast); the gates take x's dtype. Casts
         only where a dtype differs: in a decoder's generation step every op per layer counts."""
-        logits = nn.functional.linear(x, self.proj.weight, self.proj.bias)  # not a module call: fewer us
+        logits = nn.functional.linear(x, *self.linear())  # not a module call: fewer us
         gates = current().reduce(torch.sigmoid(logits if logits.dtype == torch.float32 else logits.float()))
         return gates if gates.dtype == x.dtype else gates.to(x.dtype)
+
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias of this forward's gates (a multi-task bank: its task's; unipelt/multitask.py)."""
+        return self.proj.weight, self.proj.bias
 
     def values(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)``, computed once per forward however many submodules read it."""
@@ -117,11 +121,13 @@ class GateSlot:
 
 
 class GateRequests:
-    """Collects the gates tuners ask for, then builds one bank per (layer, input site)."""
+    """Collects the gates tuners ask for, then builds one bank per (layer, input site); ``bank`` makes one
+    from (hidden, keys, layer, init_std): a ``GateBank``, or a multi-task model's bank."""
 
-    def __init__(self, hidden: int, init_std: float) -> None:
+    def __init__(self, hidden: int, init_std: float, bank: Callable[..., GateBank] | None = None) -> None:
         self.hidden = hidden
         self.init_std = init_std
+        self.bank = bank or GateBank
         self.pending: dict[tuple[int, str], list[tuple[str, GateSlot]]] = {}
 
     def request(self, layer: int, site: str, key: str) -> GateSlot:
@@ -133,7 +139,7 @@ class GateRequests:
     def build(self, layers: nn.ModuleList, device: torch.device, dtype: torch.dtype) -> None:
         """Create the banks (``layer.pelt_gates[site]``) and bind every requested slot to its row."""
         for (layer_idx, site), requests in self.pending.items():
-            bank = GateBank(self.hidden, [k for k, _ in requests], layer_idx, self.init_std)
+            bank = self.bank(self.hidden, [k for k, _ in requests], layer_idx, self.init_std)
             layer = layers[layer_idx]
             if not hasattr(layer, "pelt_gates"):
                 layer.add_module("pelt_gates", nn.ModuleDict())

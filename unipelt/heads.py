@@ -115,6 +115,13 @@ def attach_head(model: nn.Module, spec: BackboneSpec, head: str, init_std: float
         for p in _pooler(model, spec).parameters():
             p.requires_grad_(True)
         return
+    replace_own_head(model, spec)
+    install_head(model, pooling_head(model, spec, head, model.config.num_labels, init_std), HeadForward)
+
+
+def replace_own_head(model: nn.Module, spec: BackboneSpec) -> None:
+    """The model's own head (its parameter-holding modules outside the backbone) becomes ``nn.Identity``;
+    a backbone pooler no longer reaching the logits is frozen."""
     pooler = _pooler(model, spec)
     if pooler is not None:  # unused from now on: neither trained (finetune, BitFit) nor counted
         for p in pooler.parameters():
@@ -123,17 +130,25 @@ def attach_head(model: nn.Module, spec: BackboneSpec, head: str, init_std: float
     for name, child in list(model.named_children()):
         if child is not base and any(True for _ in child.parameters()):
             setattr(model, name, nn.Identity())  # the model's own head: replaced, not kept unused
-    ref = next(base.parameters())
-    module = PoolingHead(head, model.config.hidden_size, model.config.num_labels,
-                         head_dropout(model.config), spec.summary_token)
+
+
+def pooling_head(model: nn.Module, spec: BackboneSpec, kind: str, num_labels: int, init_std: float) -> PoolingHead:
+    """A fresh ``mean`` or ``cls_mlp`` head for ``num_labels`` outputs, on the backbone's device and dtype."""
+    ref = next(model.base_model.parameters())
+    module = PoolingHead(kind, model.config.hidden_size, num_labels, head_dropout(model.config), spec.summary_token)
     with torch.no_grad():
         for linear in (module.dense, module.out):
             if linear is not None:
                 linear.weight.normal_(0.0, init_std)
                 linear.bias.zero_()
-    setattr(model, HEAD_ATTR, module.to(ref.device, ref.dtype))
-    base.register_forward_hook(_keep_hidden)
-    model.forward = HeadForward(model.forward)
+    return module.to(ref.device, ref.dtype)
+
+
+def install_head(model: nn.Module, module: nn.Module, forward: type[HeadForward], *args: Any) -> None:
+    """``module`` becomes ``model.pelt_head``, fed the base model's last hidden states by ``forward``."""
+    setattr(model, HEAD_ATTR, module)
+    model.base_model.register_forward_hook(_keep_hidden)
+    model.forward = forward(model.forward, *args)
 
 
 class HeadForward:
@@ -165,11 +180,16 @@ class HeadForward:
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         logits = getattr(model, HEAD_ATTR)(hidden, mask)
-        loss = None if labels is None else model.loss_function(labels, logits, model.config)
+        loss = None if labels is None else model.loss_function(labels, logits, self.loss_config(model))
         if isinstance(output, tuple):
             return ((loss,) if loss is not None else ()) + (logits,) + tuple(output[1:])
         fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
         return type(output)(loss=loss, logits=logits, **fields)
+
+
+    def loss_config(self, model: nn.Module) -> Any:
+        """What the loss reads (``num_labels``, ``problem_type``): the model's config."""
+        return model.config
 
 
 def _take(args: tuple, kwargs: dict, index: int | None, name: str, pop: bool) -> tuple[Any, tuple]:

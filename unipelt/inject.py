@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import context
+from . import context, multitask
 from .backbones import spec_for
 from .config import PELTConfig
 from .errors import PELTError
@@ -18,6 +18,7 @@ from .tuners import EXPLICIT_ATTENTION, Target
 from .tuners.base import Merge
 
 LAST_GATES = "_pelt_last_gates"  # base model attribute: the last forward's gates, detached
+LAST_TASK_GATES = "_pelt_last_task_gates"  # a multi-task model's: {task index: its last forward's gates}
 MERGED_ATTR = "pelt_merged"  # set by a merge that keeps unipelt modules: for inference, not to save or merge again
 SLIM_WEIGHTS = "pelt_slim_weights"  # a slimmed model's trained tensors before its folds: what it saves
 
@@ -55,7 +56,8 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
             p.requires_grad_(config.finetune or id(p) not in frozen)
 
     dims = spec.dims(model.config)
-    target = Target(model, spec, dims, layers, GateRequests(dims.hidden, config.init_std),
+    banks = multitask.gate_bank_factory(config) if config.tasks else None
+    target = Target(model, spec, dims, layers, GateRequests(dims.hidden, config.init_std, banks),
                     ref.device, ref.dtype, config.init_std)
     for sub in config.submodules.values():
         sub.inject(target)
@@ -66,7 +68,11 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
         for layer in layers:
             parent = layer.get_submodule(parent_path) if parent_path else layer
             setattr(parent, child, explicit(getattr(parent, child)))
-    attach_head(model, spec, config.head, config.init_std)  # after the tuners: it may freeze BitFit's pooler bias
+    # after the tuners: it may freeze BitFit's pooler bias
+    if config.tasks:
+        multitask.attach_task_heads(model, spec, config)
+    else:
+        attach_head(model, spec, config.head, config.init_std)
 
     # Anything that reads the context; and decoders, whose positions come from the mask (below).
     base._pelt_shared = dict(target.shared)
@@ -152,7 +158,8 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
     if base.training and torch.is_grad_enabled():
         context.bind_checkpointing(spec_for(base).layer_list(base))
     shared = {name: getattr(base, name)() for name in base._pelt_shared}
-    context.enter(context.ForwardContext(id(base), weights, shared, causal, base._pelt_shared))
+    task = context.task_of(id(base))  # a multi-task model's forward: its task's gates
+    context.enter(context.ForwardContext(id(base), weights, shared, causal, base._pelt_shared, task))
     if causal and mask is not None and mask.dim() == 2 and _argument(base, args, kwargs, "position_ids") is None:
         # Positions count real tokens, so left padding shifts none (generate() passes its own).
         kwargs["position_ids"] = context.positions_from_mask(mask, reference.shape[1])
@@ -165,6 +172,8 @@ def _leave_context(base: nn.Module, args: tuple, output: object) -> None:
     if ctx is not None:
         # the token weights, or (decoders) the function computing them when gate_values() asks
         setattr(base, LAST_GATES, (ctx.record, ctx.weights))
+        if ctx.task is not None:  # a multi-task model: also the last forward of each task
+            setattr(base, LAST_TASK_GATES, {**getattr(base, LAST_TASK_GATES, {}), ctx.task: (ctx.record, ctx.weights)})
 
 
 def config_of(model: nn.Module) -> PELTConfig:
@@ -177,15 +186,21 @@ def config_of(model: nn.Module) -> PELTConfig:
     return cfg
 
 
-def gate_values(model: nn.Module) -> dict[str, torch.Tensor]:
+def gate_values(model: nn.Module, task: str | None = None) -> dict[str, torch.Tensor]:
     """The last forward's per-example gates, e.g. ``{"layer3.adapter": tensor(batch)}``; detached, no sync.
+    ``task``: a multi-task model's last forward of that task.
 
     ``{}`` for a model without gates (an ungated method). A gate depends on the input, so before the
-    model's first forward there is nothing to report: PELTError saying so, rather than an empty dict."""
-    record, weights = getattr(model.base_model, LAST_GATES, None) or ({}, None)
+    model's first forward (of ``task``) there is nothing to report: PELTError saying so, rather than an empty dict."""
+    if task is None:
+        record, weights = getattr(model.base_model, LAST_GATES, None) or ({}, None)
+    else:
+        index = multitask.task_index(tuple(config_of(model).tasks), task)
+        record, weights = getattr(model.base_model, LAST_TASK_GATES, {}).get(index) or ({}, None)
     if not record and gate_keys(model):
-        raise PELTError("gate_values: no forward has run on this model yet, and a gate depends on the input; "
-                        "run a batch first (model(**batch)): then each gate's value per example of that batch")
+        raise PELTError(f"gate_values: no forward{'' if task is None else f' of task {task!r}'} has run on this model "
+                        "yet, and a gate depends on the input; run a batch first (model(**batch)): then each gate's "
+                        "value per example of that batch")
     if record and callable(weights):
         weights = weights()
     return {key: values[:, i]

@@ -32,6 +32,7 @@ from .compat import is_causal_lm, no_init_weights
 from .config import PRESETS, PELTConfig, PELTError
 from .errors import one_line
 from .inject import apply_pelt, config_of, count_trainable
+from .multitask import task_export
 
 CONFIG_NAME = "unipelt_config.json"
 WEIGHTS_NAME = "unipelt_model.safetensors"
@@ -114,7 +115,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_nam
 
     ``base_model_name_or_path`` records where the backbone comes from (default: the name the
     backbone was loaded from). ``card_info`` goes into the card and the config, e.g.
-    ``task="rte", metrics={"test/accuracy": 0.71}, gates={"layer0.adapter": 0.43}``.
+    ``task="rte", metrics={"test/accuracy": 0.71}, gates={"layer0.adapter": 0.43}``; for a multi-task
+    model, ``task`` (one of its tasks) exports that task alone, a plain single-task model
+    (``unipelt.multitask.task_export``), and ``tasks={name: {"metrics": ..., "gates": ...}}`` the card's.
     The folder is written beside and renamed into place, so a reader never sees half of it.
     """
     path = Path(path)
@@ -126,6 +129,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_nam
         "trainable_params": count_trainable(model),
         "card": _jsonable(card_info),
     }
+    if config_of(model).tasks and card_info.get("task") is not None:
+        record, state["weights"] = task_export(record, state["weights"], card_info["task"])
     if not record["backbone"]["model_name_or_path"]:
         raise PELTError("save_pretrained: the backbone has no recorded name or path (built from a config?); "
                         "pass base_model_name_or_path=...")
@@ -147,17 +152,25 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_nam
     return path
 
 
-def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None = None, *,
+def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None = None, *, task: str | None = None,
                     revision: str | None = None, token: str | bool | None = None, **backbone_kwargs: Any) -> nn.Module:
     """Rebuild a saved model: the recorded backbone (or ``model``, a sequence-classification or causal LM
     model not yet given PELT) with the PELT submodules and the saved weights, in eval mode.
 
     A local folder or a hub id (downloaded with ``huggingface_hub.snapshot_download``). Raises
     PELTError in one line naming what differs (method, backbone, labels) from ``model``.
-    ``backbone_kwargs`` go to the recorded class's ``AutoModelFor...from_pretrained`` (e.g. ``dtype``).
+    ``task``: of a multi-task export, that task alone as a plain single-task model (the shared weights, its
+    gates and its head; called without ``task=``). ``backbone_kwargs`` go to the recorded class's
+    ``AutoModelFor...from_pretrained`` (e.g. ``dtype``).
     """
     folder = _resolve(path_or_hub_id, revision, token)
     record = read_config(folder)
+    try:
+        weights = load_file(folder / WEIGHTS_NAME)
+    except (SafetensorError, OSError) as err:
+        raise PELTError(f"{str(folder / WEIGHTS_NAME)!r}: not a readable safetensors file ({one_line(err)})") from None
+    if task is not None:
+        record, weights = task_export(record, weights, task)
     config = PELTConfig.from_dict(record["pelt_config"])
     backbone = record["backbone"]
     if model is None:
@@ -168,10 +181,6 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     else:
         _adopt_label_names(model, backbone)
     check_identity(record, model, config)
-    try:
-        weights = load_file(folder / WEIGHTS_NAME)
-    except (SafetensorError, OSError) as err:
-        raise PELTError(f"{str(folder / WEIGHTS_NAME)!r}: not a readable safetensors file ({one_line(err)})") from None
     with no_init_weights():  # every new tensor is overwritten by the saved one (checked: none missing)
         apply_pelt(model, config)
     load_pelt_state_dict(model, {"config": config.to_dict(), "backbone": {}, "weights": weights})
@@ -231,11 +240,14 @@ def model_card(record: dict[str, Any]) -> str:
         f"| backbone | `{backbone['model_name_or_path']}` ({backbone['model_type']}, "
         f"{backbone['num_hidden_layers']} layers, hidden {backbone['hidden_size']}) |",
         *([f"| task | {task} |"] if task else []),
-        f"| labels | {backbone['num_labels']} ({backbone['problem_type'] or 'classification'}) |",
+        *([] if card.get("tasks") else
+          [f"| labels | {backbone['num_labels']} ({backbone['problem_type'] or 'classification'}) |"]),
         f"| trainable parameters | {record['trainable_params']:,} |",
     ]
+    if card.get("tasks"):
+        lines.append(f"| tasks | {', '.join(card['tasks'])} (load one alone: `from_pretrained(..., task=...)`) |")
     for key, value in card.items():
-        if key not in ("task", "metrics", "gates"):
+        if key not in ("task", "tasks", "metrics", "gates"):
             lines.append(f"| {key} | {value} |")
     metrics = card.get("metrics") or {}
     if metrics:

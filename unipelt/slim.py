@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoint import pelt_state_dict
 from .errors import PELTError
-from .export import calibrate_gates, unslimmed
+from .export import calibrate_gates, one_task
 from .gates import gate_keys
 from .inject import SLIM_WEIGHTS, fold_settled, settle
 from .tuners import TUNERS
@@ -87,7 +87,7 @@ def slim(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], min_ga
     other gates fixed at their means, and what folds folded (``model`` is not changed). ``batches``: the
     model's keyword inputs (dicts with ``input_ids``, ``attention_mask``; labels are ignored), e.g. a dev
     DataLoader. The returned model is in eval mode; ``model.pelt_slim_report`` is its `SlimReport`."""
-    config = unslimmed(model)
+    config = one_task(model, "slim")
     if config.finetune or not config.submodules:
         raise PELTError("slim: this model has no submodules to remove or fold")
     if isinstance(min_gate, bool) or not isinstance(min_gate, (int, float)) or not 0 <= min_gate <= 1:

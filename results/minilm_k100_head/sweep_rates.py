@@ -23,6 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from reproduce import sweep
 from reproduce.sweep import arm_name, edge_arms
 
 HERE = Path(__file__).resolve().parent
@@ -39,13 +40,7 @@ def old_rate(task: str, method: str) -> float:
 
 
 def write_arm(power: int, pairs: list[tuple[str, str]]) -> Path:
-    """The arm's method-args JSON, merged with what it already holds (edge arms grow per task)."""
-    path = HERE / f"sweep_{arm_name(power)}.json"
-    args = json.loads(path.read_text()) if path.exists() else {}
-    for task, method in pairs:
-        args[f"{task}:{method}"] = f"--model.learning_rate {old_rate(task, method) * 3.0 ** power:.4g}"
-    path.write_text(json.dumps(dict(sorted(args.items())), indent=1) + "\n")
-    return path
+    return sweep.write_arm(HERE, power, pairs, old_rate)
 
 
 def arms() -> None:
