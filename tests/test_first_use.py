@@ -75,6 +75,17 @@ def test_gate_values_before_a_forward_says_to_run_one(make_tiny):
     assert unipelt.gate_values(ungated) == {}  # no gates at all: nothing to wait for
 
 
+def test_gate_values_of_a_task_before_its_first_forward_says_to_run_one():
+    from tests.test_multitask_core import inputs, multitask
+
+    model = multitask("bert", "unipelt_apl")
+    with torch.no_grad():
+        model(**inputs("bert"), task="nli")
+    assert unipelt.gate_values(model, task="nli")
+    with pytest.raises(unipelt.PELTError, match="no forward of task 'sts' has run"):
+        unipelt.gate_values(model, task="sts")
+
+
 def test_fit_help_lists_our_options_before_the_trainers_and_says_where_the_rest_is(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("COLUMNS", "80")
