@@ -85,13 +85,19 @@ def scores(roots: list[Path]) -> None:
         full = test_score(module, module.model, loader)
         result = {"run": str(run.relative_to(HERE)), "method": module.hparams.method, "full": full,
                   "recorded": recorded, "slim": {}}
+        previous = None
         for min_gate in MIN_GATES:
+            if previous and sorted(k for k, v in previous["all_gates"].items() if v < min_gate) == previous["removed"]:
+                result["slim"][str(min_gate)] = previous["entry"]  # the same parts removed: the same model
+                continue
             slimmed = unipelt.slim(copy.deepcopy(module.model), data.val_dataloader(), min_gate=min_gate)
             report = slimmed.pelt_slim_report
             result["slim"][str(min_gate)] = {
                 "removed": sorted(set(report.gates) - set(report.kept)), "gates": len(report.gates),
                 "folded": list(report.folded), "dev_max_logit_diff": report.max_logit_diff,
                 "dev_agreement": report.agreement, "test": test_score(module, slimmed, loader)}
+            previous = {"all_gates": report.gates, "removed": result["slim"][str(min_gate)]["removed"],
+                        "entry": result["slim"][str(min_gate)]}
         result["lowest_gate"] = min(report.gates.values())
         result["seconds"] = round(time.perf_counter() - started, 1)
         out.write_text(json.dumps(result, indent=1) + "\n")
