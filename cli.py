@@ -30,17 +30,19 @@ def main(args: list[str] | None = None) -> None:
     from lightning_modules import kinds, run
 
     kind = kinds.CLASSIFICATION
-    try:
-        kind = kinds.choose_kind(argv)
-        with keep_help(argv):
-            run.build_cli(None if args is None else argv, kind=kind)
-    except Exception as err:
-        answer = run.refusal(err, kind)
-        if answer is None:
-            raise
-        status, line = answer
-        print(f"error: {line}", file=sys.stderr)
-        sys.exit(status)
+    with run.held_stderr() as held:  # until the run's checks pass: a refusal prints its one line only
+        try:
+            kind = kinds.choose_kind(argv)
+            with keep_help(argv):
+                run.build_cli(None if args is None else argv, kind=kind)
+        except Exception as err:
+            answer = run.refusal(err, kind)
+            if answer is None:
+                raise
+            held.discard()
+            status, line = answer
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from datamodules.tasks import TaskInfo, task_from
 from lightning_modules.base import CheckpointMismatchError, ModelConfigError, PELTModule, check_options, load_backbone
 from lightning_modules.errors import UsageError
 from lightning_modules.metrics import make_metric
-from lightning_modules.predictions import FILE_FORMATS, write_predictions
+from lightning_modules.predictions import FILE_FORMATS, added_columns, check_new_columns, write_predictions
 from unipelt import gate_values
 from unipelt.io import identity
 
@@ -192,6 +192,14 @@ class UniPELTLightningModule(PELTModule):
         if predict_file is not None and Path(given).suffix.lower() not in FILE_FORMATS:
             raise UsageError(f"--predictions {given!r}: give a .csv, .tsv or .jsonl file for --data.predict_file")
         return Path(given)
+
+    def check_predictions(self, datamodule: Any, target: Path) -> list[Path]:
+        """Your file's predictions: one file; a GLUE test set's: one leaderboard file per test split."""
+        if datamodule.predict_file is None:
+            return [target / f"{name}.tsv" for name in datamodule.predict_splits.values()]
+        check_new_columns(datamodule.predict_table().columns, added_columns(self.task_info),
+                          f"--data.predict_file {datamodule.predict_file!r}")
+        return [target]
 
     def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
         return write_predictions(outputs, datamodule, self.task_info, target)

@@ -43,12 +43,12 @@ class KillAtStep(pl.Callback):
 
 
 class KillInValidation(pl.Callback):
-    """SIGKILL this process when the validation after epoch `epoch` starts (its step checkpoint is written)."""
+    """SIGKILL this process inside the validation that ends epoch `epoch`, after its first batch."""
 
     def __init__(self, epoch: int = 0) -> None:
         self.epoch = epoch
 
-    def on_validation_start(self, trainer, pl_module) -> None:
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -190,6 +190,13 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert Path(sa["best_checkpoint"]).name == Path(sb["best_checkpoint"]).name
 
 
+def only_line(stderr: str) -> str:
+    """A refusal prints one line on stderr, `error: ...`, and nothing else (no seed, device or progress lines)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]
+
+
 def one_line_error(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -205,9 +212,10 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("when", ["mid-epoch", "in-validation"])
 def test_sigkill_then_resume_gives_the_uninterrupted_run(server, tiny_model, glue_dir, cache_dir, tmp_path, when):
     """mid-epoch: killed after a random step (8 a epoch, 3 epochs, `last.ckpt` every 3 steps and after
-    each validation). in-validation: `last.ckpt` written at the epoch's last step, killed in the
-    validation that follows (the resumed run must validate, then go on)."""
-    every = 3 if when == "mid-epoch" else 8
+    each validation). in-validation: `last.ckpt` due every 4 steps, so also at the epoch's last step;
+    killed inside the validation that follows, in the epoch whose dev score is the best: a resume that
+    skipped that validation would keep another best checkpoint (issue 26: best-1-50 for best-0-25)."""
+    every = 3 if when == "mid-epoch" else 4
     ref, run = tmp_path / "reference", tmp_path / "killed"
     common = dict(cache=cache_dir, **{"model.checkpoint_every_n_steps": every})
     rc, err = server.run(["fit", *run_args(tiny_model, glue_dir, ref, **common)])
@@ -219,9 +227,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(server, tiny_model, glu
         # Killed before step kill_at's own checkpoint: the last one is from the step-interval or an epoch end.
         expected_step = max(s for s in range(1, kill_at) if s % every == 0 or s % 8 == 0)
     else:
-        kill_at = 16
-        kill = {"trainer.callbacks+": f"{CALLBACKS}.KillInValidation", "trainer.callbacks.epoch": 1}
-        expected_step = 16
+        best_epoch = int(Path(json.loads((ref / "summary.json").read_text())["best_checkpoint"]).stem.split("-")[1])
+        kill_at = 8 * best_epoch + 8
+        kill = {"trainer.callbacks+": f"{CALLBACKS}.KillInValidation", "trainer.callbacks.epoch": best_epoch}
+        expected_step = 8 * best_epoch + 4  # the epoch's last step is saved only once validated
     rc, err = server.run(["fit", *run_args(tiny_model, glue_dir, run, **common, **kill)])
     assert rc == -signal.SIGKILL, (kill_at, rc, err[-3000:])
     assert not (run / "summary.json").exists()
@@ -352,7 +361,7 @@ def test_bad_or_mismatched_checkpoint_is_one_line_exit_2_and_writes_nothing(
         before = tree(finished_run)
         args = run_args(tiny_model, glue_dir, out, cache_dir, ckpt_path=path)
         rc, err = server.run([subcommand, *args, *extra])
-        line = one_line_error(err)
+        line = only_line(err)
         assert rc == 2, (name, err[-2000:])
         assert expect in line and "--ckpt_path" in line, (name, line)
         assert not out.exists(), (name, sorted(p.name for p in out.rglob("*")))
@@ -451,7 +460,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(server, tiny_mode
         before = tree(tmp_path / "inputs")
         rc, err = server.run(["fit", *run_args(tiny_model, glue_dir, out, cache, **options)])
         try:
-            line = one_line_error(err)
+            line = only_line(err)
             assert rc == 2, rc
             assert expect in line, line
             assert not out.exists(), sorted(str(p) for p in out.rglob("*"))
@@ -474,7 +483,7 @@ def test_console_script_in_a_fresh_process(tiny_model, glue_dir, cache_dir, tmp_
         timeout=300,
     )
     assert proc.returncode == 2
-    assert one_line_error(proc.stderr) == "error: --data.k_shot=0: must be an integer >= 1"
+    assert only_line(proc.stderr) == "error: --data.k_shot=0: must be an integer >= 1"
     assert not out.exists()
 
 

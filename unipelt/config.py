@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PELTError
+from .errors import PELTError, one_line
 from .heads import HEADS
 from .tuners import TUNERS, TunerConfig
 
@@ -172,7 +172,7 @@ class PELTConfig:
                     raise PELTError(f"{unused[0]} does not apply: {origin} has no {key} "
                                     f"(its submodules: {', '.join(used)}); add {key}: true to use one")
                 continue
-            submodules[key] = TUNERS[key](**fields)
+            submodules[key] = _tuner(key, fields)
         return cls(name=flat.get("name", "custom"), finetune=finetune, submodules=submodules,
                    init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"))
 
@@ -214,13 +214,23 @@ class PELTConfig:
             fields = d.get(key)
             if fields is None:
                 continue
+            if not isinstance(fields, dict):
+                raise PELTError(f"{key} must be a mapping of its fields (or null), got {fields!r}")
             names = _field_names(key)
             bad = [f for f in fields if f not in names]
             if bad:
                 raise PELTError(f"unknown {key} field {bad[0]!r}; allowed: {', '.join(names)}")
-            submodules[key] = TUNERS[key](**fields)
+            submodules[key] = _tuner(key, fields)
         return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False),
                    submodules=submodules, init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"))
+
+
+def _tuner(key: str, fields: dict[str, Any]) -> TunerConfig:
+    """A submodule's config; a value of the wrong kind (``targets: 5``) is a PELTError, not a TypeError."""
+    try:
+        return TUNERS[key](**fields)
+    except TypeError as err:
+        raise PELTError(f"{key}: {one_line(err)}") from None
 
 
 def _field_names(key: str) -> list[str]:
