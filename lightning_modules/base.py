@@ -30,6 +30,7 @@ from lightning_modules.errors import CheckpointMismatchError, ModelConfigError
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, spec_for
 from unipelt.checkpoint import check_tensors
 from unipelt.io import check_identity, load_pretrained
+from unipelt.record import IDENTITY, check_record
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch's AdamW has a fused kernel for every floating dtype
 
@@ -250,6 +251,7 @@ class PELTModule(pl.LightningModule):
         if saved is None:
             raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
         try:
+            check_record(saved, IDENTITY, "the checkpoint", f"{CHECKPOINT_KEY}.")  # any loader, Lightning's too
             check_identity(saved, self.model)
         except PELTError as err:
             raise CheckpointMismatchError(str(err)) from None

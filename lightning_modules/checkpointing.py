@@ -14,8 +14,9 @@ Every checkpoint is read with `torch.load(weights_only=True)`: tensors, containe
 and the few types in `SAFE_CHECKPOINT_TYPES`. A file that would need anything else (a class, a
 function) is refused in one line naming the file and the global it asked for; nothing in it runs.
 Before that, every record of the zip archive is read against its CRC-32 (a flipped byte is named with
-its record); after it, the unipelt record is checked against its schema and every weight and optimizer
-moment must be finite, so a damaged or diverged checkpoint is refused in one line before anything uses it.
+its record); after it, its parts must be mappings and every weight and optimizer moment finite, so a
+damaged or diverged checkpoint is refused in one line before anything uses it (the unipelt record is
+checked against its schema where it is read: `PELTModule.saved_identity`).
 
 Exact resume leans on a few private names of Lightning, reached through `compat.py` (which lists
 them and checks that they exist).
@@ -45,7 +46,6 @@ from unipelt import PELTError
 from unipelt.atomic import atomic_write
 from unipelt.checkpoint import check_tensors
 from unipelt.errors import one_line
-from unipelt.record import IDENTITY, check_record
 
 try:
     import fcntl
@@ -100,9 +100,8 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
             f"--ckpt_path {str(path)!r}: a torch file but not a unipelt checkpoint (no {CHECKPOINT_KEY!r} entry)"
         )
     where = f"--ckpt_path {str(path)!r}"
-    try:
-        check_record(checkpoint[CHECKPOINT_KEY], IDENTITY, where, f"{CHECKPOINT_KEY}.")
-        for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
+    try:  # the unipelt record's fields are checked where they are read (PELTModule.saved_identity)
+        for key in (CHECKPOINT_KEY, "state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
             if not isinstance(checkpoint.get(key, {}), dict):
                 raise PELTError(f"{where}: {key} must be a mapping, not {type(checkpoint[key]).__name__}")
         # The weights and the optimizer's moments; callbacks keep infinities on purpose (a best score not set yet).
@@ -125,7 +124,7 @@ def _verify_archive(path: str, size: int, mtime_ns: int, inode: int) -> None:
                             pass
                 except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
                     raise CheckpointFileError(
-                        f"--ckpt_path {path!r}: damaged: record {info.filename!r} fails its check "
+                        f"--ckpt_path {path!r}: damaged checkpoint: record {info.filename!r} fails its check "
                         f"({one_line(err, 80)})"
                     ) from None
     except (zipfile.BadZipFile, OSError) as err:

@@ -13,6 +13,8 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from tests.cli_server import cache_dir, glue_dir, server, tiny_model  # noqa: F401 - module-scoped fixtures
+
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0)

@@ -26,8 +26,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.fixtures import write_rte, write_tiny_model
-from tests.test_reliability import ROOT, CliServer, only_line, run_args, tree
+from tests.cli_server import CliServer
+from tests.test_reliability import ROOT, only_line, run_args, tree
 
 CALLBACKS = "tests.test_faults"
 BAD_INPUTS: list[str] = []  # every bad input or fault a test below tries (the count is reported)
@@ -61,28 +61,6 @@ class WaitForFile(pl.Callback):
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = CliServer(tmp_path_factory.mktemp("cli"))
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory) -> Path:
-    return write_rte(tmp_path_factory.mktemp("glue"), n_train=60, n_dev=21)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
     import csv
 

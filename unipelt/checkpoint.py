@@ -12,7 +12,9 @@ from .backbones import spec_for
 from .config import PELTConfig, PELTError
 from .gates import GateBank
 from .inject import config_of
+from .record import check_record, mapping
 
+STATE_SCHEMA = {"config": mapping(), "backbone": mapping(), "weights": mapping()}  # what pelt_state_dict returns
 BACKBONE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "vocab_size", "num_labels")
 
@@ -58,6 +60,7 @@ def load_pelt_state_dict(model: nn.Module, state: dict[str, Any], where: str = "
     """Load a pelt_state_dict into a model built with apply_pelt(same config); strict checks (``where``: the
     file, for the messages about its tensors)."""
     cfg = config_of(model)
+    check_record(state, STATE_SCHEMA, where)
     saved = PELTConfig.from_dict(state["config"])
     if saved.name != cfg.name:
         raise PELTError(
