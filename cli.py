@@ -1,11 +1,11 @@
 """`python cli.py fit|validate|test|predict`: UniPELT on a GLUE task, your own data or instruction data.
 
 The entry point only: it answers `--help` without loading torch, sends `reproduce`, `select` and
-`report` to reproduce/, chooses the kind of run (lightning_modules.kinds.choose_kind) and runs it
-through the one CLI of lightning_modules/. `fit` trains, keeps the best checkpoint by the task's main
-dev metric, tests it and writes `<trainer.default_root_dir>/summary.json` and `export/`;
-`validate`, `test` and `predict` take their settings from `--ckpt_path` (a config and flags win).
-The console script `unipelt` is this file.
+`report` to reproduce/ and `slim` to lightning_modules/slim.py, chooses the kind of run
+(lightning_modules.kinds.choose_kind) and runs it through the one CLI of lightning_modules/. `fit`
+trains, keeps the best checkpoint by the task's main dev metric, tests it and writes
+`<trainer.default_root_dir>/summary.json` and `export/`; `validate`, `test` and `predict` take their
+settings from `--ckpt_path` (a config and flags win). The console script `unipelt` is this file.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from lightning_modules.help import TOP_HELP, keep_help, print_kept_help
 
 REPRODUCE_COMMANDS = ("reproduce", "select", "report")
+SLIM_COMMAND = "slim"  # lightning_modules/slim.py: a trained run slimmed (unipelt.slim) and exported
 
 
 def main(args: list[str] | None = None) -> None:
@@ -26,6 +27,10 @@ def main(args: list[str] | None = None) -> None:
         from reproduce import main as reproduce_main
 
         sys.exit(reproduce_main(argv))
+    if argv[0] == SLIM_COMMAND:
+        from lightning_modules import slim
+
+        sys.exit(slim.main(argv[1:]))
     print_kept_help(argv)  # `SUBCOMMAND --help` seen before: printed without importing torch
     from lightning_modules import kinds, run
 

@@ -14,8 +14,14 @@ gradient): the backward through every frozen layer with nothing added, the floor
 trains something in the lowest layer; "over floor" is each method's train step against it.
 Wall clock at 2 threads by default, as users run it on a laptop or a small CPU box.
 
+``--merged`` adds, for each PELT preset, the inference of ``unipelt.merge`` of its served copy (gates
+calibrated on the timed batch where it has any); ``--slim G`` the inference of ``unipelt.slim`` at
+``min_gate`` G, calibrated on the timed batch (untrained gates sit near 0.5: at G <= 0.4 this keeps every
+part and times fixed gates and folds; the gates of a trained model decide what goes).
+
     python benchmarks/step_time.py --models bert-base minilm --batch 8 --length 128 --rounds 5
     python benchmarks/step_time.py --models distilbert-base electra-base deberta-v3-base modernbert-base
+    python benchmarks/step_time.py --models minilm --presets ia3 dora parallel_adapter --merged --slim 0.1
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install
 from lightning_modules.base import adamw  # noqa: E402
-from unipelt import PRESETS, PELTConfig, apply_pelt, count_trainable  # noqa: E402
+from unipelt import PRESETS, PELTConfig, apply_pelt, calibrate_gates, count_trainable, merge, slim  # noqa: E402
+from unipelt.gates import gate_keys  # noqa: E402
+from unipelt.tuners.base import Merge  # noqa: E402
 
 PAPER = {  # Table 4 of the paper (GPU): train time, inference time relative to fine-tuning
     "finetune": (1.00, 1.00), "bitfit": (0.65, 1.02), "prefix": (0.56, 1.14), "lora": (0.53, 1.05),
@@ -95,6 +103,15 @@ def frozen_backbone(backbone: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def merged(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``unipelt.merge`` of ``model``: its gates fixed at their means on ``batch`` where it has gates, ``{}`` where
+    a submodule stays a module without them, else a plain transformers model."""
+    if gate_keys(model):
+        return merge(model, calibrate_gates(model, [batch]))
+    keeps = any(sub.merge is Merge.KEEP for sub in model.pelt_config.submodules.values())
+    return merge(model, {} if keeps else None)
+
+
 def timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
@@ -125,6 +142,12 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
         # network's weights, which would make every timed inference recompute its eval-mode cache.
         served[preset] = copy.deepcopy(model).eval()
     backbone.eval()
+    extra = {}  # inference only: merged and slimmed copies of the served models
+    for preset in args.presets:
+        if preset != "finetune" and args.merged:
+            extra[f"{preset} (merged)"] = merged(served[preset], inputs).eval()
+        if preset != "finetune" and args.slim is not None:
+            extra[f"{preset} (slim {args.slim})"] = slim(served[preset], [inputs], min_gate=args.slim)
 
     def train_step(preset: str) -> None:
         model, opt = models[preset], optims[preset]
@@ -138,17 +161,19 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
         with torch.inference_mode():
             model(**inputs)
 
+    served.update(extra)
     train = {p: [] for p in methods}
-    infer_t = {p: [] for p in [*methods, "backbone"]}
-    order = list(methods)
+    infer_t = {p: [] for p in [*methods, *extra, "backbone"]}
+    order = [*methods, *extra]
     for rnd in range(args.warmup + args.rounds):
         order = order[1:] + order[:1]
         for preset in order:
-            t_train = timed(lambda p=preset: train_step(p))
+            t_train = timed(lambda p=preset: train_step(p)) if preset in models else float("nan")
             t_inf = timed(lambda p=preset: infer(served[p]))
             t_base = timed(lambda: infer(backbone))  # next to each preset: same load
             if rnd >= args.warmup:
-                train[preset].append(t_train)
+                if preset in models:
+                    train[preset].append(t_train)
                 infer_t[preset].append(t_inf)
                 infer_t["backbone"].append(t_base)
         print(f"  {name}: round {rnd + 1}/{args.warmup + args.rounds}, load {os.getloadavg()[0]:.1f}",
@@ -165,6 +190,10 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
             "infer_s": med_inf[preset], "infer_ratio": med_inf[preset] / med_inf["backbone"],
             "paper": PAPER.get(preset),
         })
+    for preset in extra:
+        rows.append({"model": name, "method": preset, "params": 0, "train_s": float("nan"),
+                     "train_ratio": float("nan"), "over_floor": float("nan"), "infer_s": med_inf[preset],
+                     "infer_ratio": med_inf[preset] / med_inf["backbone"], "paper": None})
     rows.append({"model": name, "method": "(plain backbone)", "params": 0, "train_s": float("nan"),
                  "train_ratio": float("nan"), "over_floor": float("nan"), "infer_s": med_inf["backbone"],
                  "infer_ratio": 1.0, "paper": None})
@@ -197,7 +226,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
+    parser.add_argument("--merged", action="store_true", help="also time each preset merged (unipelt.merge)")
+    parser.add_argument("--slim", type=float, default=None, metavar="MIN_GATE",
+                        help="also time each preset slimmed at this min_gate (unipelt.slim, on the timed batch)")
     args = parser.parse_args()
+    if args.slim is not None and not 0 <= args.slim <= 1:
+        parser.error(f"--slim {args.slim}: a min_gate is a number in [0, 1]")
     if "finetune" not in args.presets:
         args.presets.insert(0, "finetune")
     if args.threads:

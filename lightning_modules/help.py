@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
-TOP_HELP = """usage: unipelt [-h] {fit,validate,test,predict,reproduce,select,report} ...
+TOP_HELP = """usage: unipelt [-h] {fit,validate,test,predict,slim,reproduce,select,report} ...
 
 UniPELT (Mao et al., ACL 2022): gated adapter, prefix-tuning and LoRA on a frozen encoder.
 
@@ -32,6 +32,7 @@ commands:
   validate   score a checkpoint on the validation split (--ckpt_path; its settings are read from it)
   test       score a checkpoint on the test split(s) (--ckpt_path)
   predict    predict --data.predict_file, or GLUE's unlabeled test set, into --predictions (--ckpt_path)
+  slim       drop the parts whose gates are low, fold the rest, export (--ckpt_path, --min_gate, --out)
   reproduce  run the paper's grid of tasks x K x methods x seeds
   select     pick each method's learning rate from a sweep's dev scores
   report     compare a grid with the paper's tables

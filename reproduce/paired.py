@@ -47,7 +47,9 @@ class Comparison:
     def label(self) -> str:
         if self.kind == "gate":
             return f"{METHODS[self.method]} vs {METHODS[self.others[0]]}"
-        return f"{METHODS[self.method]} vs best of " + ", ".join(METHODS[m][0] for m in self.others)
+        initials = [METHODS[m][0] for m in self.others]  # the paper's "A, P, L"; full names where they clash
+        names = initials if len(set(initials)) == len(initials) else [METHODS[m] for m in self.others]
+        return f"{METHODS[self.method]} vs best of " + ", ".join(names)
 
 
 def comparisons() -> list[Comparison]:

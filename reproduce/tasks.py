@@ -63,6 +63,10 @@ PAPER_TO_METHOD = {v: k for k, v in METHODS.items()}
 TABLE2 = (
     ("unipelt_ap", ("adapter", "prefix")),
     ("unipelt_apl", ("adapter", "prefix", "lora")),
+    # issue 28's unions (no paper row): each against the best of the single methods it gates
+    ("unipelt_apl_dora", ("adapter", "prefix", "dora")),
+    ("unipelt_apli", ("adapter", "prefix", "lora", "ia3")),
+    ("unipelt_all", ("adapter", "parallel_adapter", "prefix", "lora", "ia3")),
 )
 
 

@@ -39,3 +39,18 @@ def test_the_floor_trains_the_head_only_and_backpropagates_through_every_layer(f
     assert outputs[0].grad is not None and outputs[0].grad.abs().sum() > 0
     with torch.no_grad():
         assert torch.equal(loss, backbone.train()(**inputs, labels=labels).loss)
+
+
+@pytest.mark.parametrize("preset,plain", [("ia3", True), ("dora", True), ("parallel_adapter", False),
+                                          ("unipelt_all", False)])
+def test_the_merged_rows_time_the_merge_that_unipelt_gives(preset, plain):
+    """`--merged`: a plain transformers model where everything folds, else fixed gates; same logits where the
+    gates are what it was calibrated on (one example)."""
+    from unipelt import PELTConfig, apply_pelt
+
+    model = apply_pelt(tiny("bert"), PELTConfig.preset(preset)).eval()
+    one = batch("bert", [6])
+    merged = _step_time().merged(model, one)
+    assert hasattr(merged, "pelt_config") != plain
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**one).logits, model(**one).logits, rtol=1e-5, atol=1e-6)

@@ -83,7 +83,7 @@ def test_config_errors_are_one_line_and_name_choices(call, words):
 
 
 def test_registry_and_backbone_table():
-    assert list(TUNERS) == ["bitfit", "adapter", "lora", "prefix"]
+    assert list(TUNERS) == ["bitfit", "adapter", "lora", "ia3", "parallel_adapter", "prefix"]
     assert {"bert", "roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2",
             "modernbert"} <= set(BACKBONES)
 

@@ -33,6 +33,9 @@ HEADS = ("mean", "cls_mlp")
 HEAD_FAMILIES = ("bert", "llama")
 NEW_TOKENS = 6
 GATED = tuple(p for p in PRESETS if PRESETS[p].gates)
+# the presets pinned before the v3 refactor (later presets have outside references: tests/test_space_peft.py)
+PINNED = ("finetune", "bitfit", "adapter", "prefix", "lora", "unipelt_ap", "unipelt_ap_nogate", "unipelt_apl",
+          "unipelt_apl_nogate")
 
 
 def overrides(preset: str) -> dict:
@@ -99,7 +102,7 @@ def head_outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dic
 
 def cases() -> list[tuple[str, str, str, str]]:
     """(key, family, preset, head): every preset on every decoder family, then the pooling heads."""
-    out = [(f"{family}.{preset}", family, preset, "lm") for family in FAMILIES for preset in PRESETS
+    out = [(f"{family}.{preset}", family, preset, "lm") for family in FAMILIES for preset in PINNED
            if not (family == "llama" and preset == "bitfit")]  # Llama has no biases: BitFit trains nothing
     out += [(f"{family}.head_{head}", family, "unipelt_apl", head) for family in HEAD_FAMILIES for head in HEADS]
     return out

@@ -29,6 +29,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 WITHOUT_BIASES = ("llama", "mistral", "qwen3")  # BitFit trains only a classification head there
 GATED = ("unipelt_apl", "unipelt_ap")
 METHODS = [p for p in PRESETS if p != "finetune"]
+SPACE = ("ia3", "dora", "parallel_adapter", "unipelt_apl_dora", "unipelt_apli", "unipelt_all")  # issue 28's
 
 
 def config(family: str, attn: str = "sdpa", **extra):
@@ -57,7 +58,7 @@ def build(family: str, method: str, head: str = "lm", seed: int = 0, attn: str =
     backbone = {id(p) for p in model.base_model.parameters()}
     with torch.no_grad():  # a trained state: LoRA B and the like are zero at init
         for name, p in model.named_parameters():
-            if p.requires_grad and id(p) in backbone or "pelt" in name or "lora" in name or "adapter" in name:
+            if p.requires_grad and id(p) in backbone or any(k in name for k in ("pelt", "lora", "adapter", "ia3")):
                 p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
 
@@ -94,7 +95,7 @@ def test_sequence_classification_ignores_padding(family: str, method: str) -> No
 
 # ------------------------------------------------------------------------------------ causal LM
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["unipelt_apl", "unipelt_ap", "prefix", "adapter", "lora"])
+@pytest.mark.parametrize("method", ["unipelt_apl", "unipelt_ap", "prefix", "adapter", "lora", *SPACE])
 def test_no_position_sees_a_later_token(family: str, method: str) -> None:
     model = build(family, method)
     ids = rows(lengths=(12,))[0][None]
@@ -107,7 +108,7 @@ def test_no_position_sees_a_later_token(family: str, method: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["unipelt_apl", "prefix"])
+@pytest.mark.parametrize("method", ["unipelt_apl", "prefix", "unipelt_all"])
 def test_generation_with_cache_equals_generation_without(family: str, method: str) -> None:
     model = build(family, method)
     ids = rows(lengths=(5,))[0][None]
@@ -138,7 +139,8 @@ def test_static_cache_generates_what_the_dynamic_cache_generates(family: str, me
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["unipelt_apl", "unipelt_ap", "prefix", "lora", "adapter"])
+@pytest.mark.parametrize("method", ["unipelt_apl", "unipelt_ap", "prefix", "lora", "adapter", "unipelt_all",
+                                    "unipelt_apl_dora"])
 def test_left_padded_batch_generates_what_each_row_generates_alone(family: str, method: str) -> None:
     model = build(family, method)
     seqs = rows(seed=1, lengths=(6, 3, 9))
@@ -199,7 +201,7 @@ def test_prefix_sits_before_every_sequence_and_is_not_cached(family: str) -> Non
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["unipelt_apl", "bitfit", "prefix"])
+@pytest.mark.parametrize("method", ["unipelt_apl", "bitfit", "prefix", *SPACE])
 def test_training_moves_every_trainable_tensor_and_no_frozen_one(family: str, method: str) -> None:
     if method == "bitfit" and family in WITHOUT_BIASES:  # no bias, and the LM head stays frozen
         with pytest.raises(PELTError, match=f"bitfit trains nothing on this {family} model"):
@@ -235,10 +237,11 @@ def test_gates_are_per_token_and_reported_per_example(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_save_and_load_give_identical_generations(family: str) -> None:
-    model = build(family, "unipelt_apl", seed=0)
+@pytest.mark.parametrize("method", ["unipelt_apl", "unipelt_all", "unipelt_apl_dora"])
+def test_save_and_load_give_identical_generations(family: str, method: str) -> None:
+    model = build(family, method, seed=0)
     state = pelt_state_dict(model)
-    fresh = build(family, "unipelt_apl", seed=0)
+    fresh = build(family, method, seed=0)
     with torch.no_grad():
         for p in fresh.parameters():
             if p.requires_grad:

@@ -141,3 +141,14 @@ def test_markdown_and_csv_carry_the_paired_table(grid, tmp_path):
     assert "/some/machine" not in text
     csv_text = out.with_name("report_table2.csv").read_text().splitlines()
     assert csv_text[0].startswith("k,comparison,method,versus,task,n_seeds,seeds,gain_mean,ci_low,ci_high")
+
+
+def test_the_design_space_unions_are_compared_with_the_single_methods_they_gate():
+    from reproduce.paired import comparisons
+
+    labels = {c.method: c.label for c in comparisons() if c.kind == "best single"}
+    assert labels["unipelt_apl"] == "UniPELT (APL) vs best of A, P, L"  # the paper's label, unchanged
+    assert labels["unipelt_apli"] == "UniPELT (APLI) vs best of A, P, L, I"
+    assert labels["unipelt_apl_dora"] == "UniPELT (APL, DoRA) vs best of A, P, D"
+    # initials that clash (Parallel adapter, Prefix-tuning) give the full names
+    assert labels["unipelt_all"] == "UniPELT (all) vs best of Adapter, Parallel adapter, Prefix-tuning, LoRA, IA3"

@@ -1,4 +1,5 @@
-"""UniPELT (Mao et al., ACL 2022) for Hugging Face encoders: gated adapter, prefix, LoRA, BitFit."""
+"""UniPELT (Mao et al., ACL 2022) for Hugging Face models: gated adapter, prefix, LoRA (DoRA, rsLoRA), (IA)^3,
+parallel adapter, BitFit."""
 
 from .backbones import BACKBONES, BackboneSpec, spec_for
 from .checkpoint import load_pelt_state_dict, pelt_state_dict
@@ -7,6 +8,7 @@ from .export import calibrate_gates, merge, to_peft
 from .heads import HEADS
 from .inject import apply_pelt, count_trainable, gate_values
 from .io import from_pretrained, push_to_hub, save_pretrained
+from .slim import SlimReport, slim
 from .tuners import fold_prefix
 
 __all__ = [
@@ -30,4 +32,6 @@ __all__ = [
     "merge",
     "calibrate_gates",
     "to_peft",
+    "slim",
+    "SlimReport",
 ]

@@ -14,6 +14,11 @@ Adapter sites (the Pfeiffer placement, which the paper uses, adapted to each blo
 - ``LayerOutput``: a pre-norm block whose last operation is the MLP residual
   ``y = r + mlp(norm(r))`` (ModernBERT); the adapter reads and adds to ``y``.
 
+IA3 sites (``IA3Sites``): the projections (IA)^3 scales, PEFT's default targets for the family where it
+has one (``TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING``), the analogous ones where it has none.
+FFN sites (``FFNModule``, ``FFNSplit``): where the parallel adapter reads the FFN's input and adds to
+its output.
+
 Prefix: through transformers' attention interface where the family calls it, else an
 explicit attention module that ``explicit_attention`` names (``"deberta-v2"``: DeBERTa-v2's
 disentangled attention, in unipelt/tuners/prefix/deberta.py). This file holds data only.
@@ -62,6 +67,31 @@ class LayerOutput:
 
 
 @dataclass(frozen=True)
+class IA3Sites:
+    """Where (IA)^3 scales, as paths from a layer: ``outputs`` are projections whose output it scales
+    (keys and values, or a fused q/k/v projection), ``inputs`` projections whose input it scales (the
+    FFN's down projection: its input is the intermediate activation)."""
+
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FFNModule:
+    """The FFN is one module ``h = ffn(x)`` (``path`` from the layer)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class FFNSplit:
+    """Post-LN BERT: the FFN is ``intermediate(x)`` then the output block ``LN(dropout(dense(f)) + x)``,
+    which receives the FFN's input ``x`` as its residual (second) argument."""
+
+    block: str = "output"
+
+
+@dataclass(frozen=True)
 class Dims:
     hidden: int
     layers: int
@@ -87,6 +117,8 @@ class BackboneSpec:
     projections: dict[str, str] = field(default_factory=dict)  # "query"/"key"/"value" -> Linear
     fused_qkv: str | None = None  # one Linear giving [q; k; v] (then ``projections`` is empty)
     adapter: PostLNOutput | PostLNSublayer | LayerOutput | MLPOutput = PostLNOutput()
+    ia3: IA3Sites | None = None
+    ffn: FFNModule | FFNSplit = FFNSplit()
     # None: the family calls transformers' attention interface (the prefix goes through it); else
     # the name of explicit attention code (unipelt.tuners.EXPLICIT_ATTENTION) that replaces the
     # attention module whenever unipelt changes attention
@@ -131,37 +163,51 @@ class BackboneSpec:
 
 # ------------------------------------------------------------------ the table
 
+# PEFT's IA3 targets for BERT are ["key", "value", "output.dense"] with "output.dense" feed-forward; its
+# suffix match makes "output.dense" hit the attention's output projection too: both scaled at their input.
+_BERT_IA3 = IA3Sites(outputs=("attention.self.key", "attention.self.value"),
+                     inputs=("attention.output.dense", "output.dense"))
 _BERT = dict(layers="encoder.layer", attention="attention.self",
-             projections={"query": "query", "key": "key", "value": "value"})
+             projections={"query": "query", "key": "key", "value": "value"}, ia3=_BERT_IA3)
 
 _DECODER = dict(layers="layers", attention="self_attn",
                 projections={"query": "q_proj", "key": "k_proj", "value": "v_proj"},
-                adapter=MLPOutput(), no_decay=("norm",), causal=True, summary_token="last")
+                adapter=MLPOutput(), ffn=FFNModule("mlp"), no_decay=("norm",), causal=True, summary_token="last",
+                ia3=IA3Sites(outputs=("self_attn.k_proj", "self_attn.v_proj"), inputs=("mlp.down_proj",)))
+# PEFT scales Qwen's queries, not its keys
+_QWEN_IA3 = IA3Sites(outputs=("self_attn.q_proj", "self_attn.v_proj"), inputs=("mlp.down_proj",))
 
 BACKBONES: dict[str, BackboneSpec] = {
     "bert": BackboneSpec("bert", **_BERT, pooler="pooler"),
     "roberta": BackboneSpec("roberta", **_BERT, position_offset=_padding_offset),
     "xlm-roberta": BackboneSpec("xlm-roberta", **_BERT, position_offset=_padding_offset),
     "electra": BackboneSpec("electra", **_BERT),
+    # PEFT has no IA3 default for DistilBERT, ModernBERT, ELECTRA, XLM-R: keys, values and the FFN's down
+    # projection (ELECTRA, XLM-R: BERT's layout, BERT's targets; ModernBERT: its fused Wqkv, as GPT-2's c_attn)
     "distilbert": BackboneSpec(
         "distilbert", layers="transformer.layer", attention="attention",
         projections={"query": "q_lin", "key": "k_lin", "value": "v_lin"},
-        adapter=PostLNSublayer(sublayer="ffn", norm="output_layer_norm"),
+        adapter=PostLNSublayer(sublayer="ffn", norm="output_layer_norm"), ffn=FFNModule("ffn"),
+        ia3=IA3Sites(outputs=("attention.k_lin", "attention.v_lin"), inputs=("ffn.lin2",)),
         no_decay=("layer_norm", "LayerNorm")),
     "deberta-v2": BackboneSpec(
         "deberta-v2", layers="encoder.layer", attention="attention.self",
         projections={"query": "query_proj", "key": "key_proj", "value": "value_proj"},
+        ia3=IA3Sites(outputs=("attention.self.key_proj", "attention.self.value_proj"),
+                     inputs=("attention.output.dense", "output.dense")),
         explicit_attention="deberta-v2"),
     # Decoders (docs/decoders.md). GPT-2's c_attn is a Conv1D (weight (in, out)) giving [q; k; v].
     "llama": BackboneSpec("llama", **_DECODER),
     "mistral": BackboneSpec("mistral", **_DECODER),
-    "qwen2": BackboneSpec("qwen2", **_DECODER),
-    "qwen3": BackboneSpec("qwen3", **_DECODER),
+    "qwen2": BackboneSpec("qwen2", **{**_DECODER, "ia3": _QWEN_IA3}),
+    "qwen3": BackboneSpec("qwen3", **{**_DECODER, "ia3": _QWEN_IA3}),
+    # IA3 as PEFT: all of c_attn's output (q, k and v), the input of the MLP's c_proj
     "gpt2": BackboneSpec("gpt2", layers="h", attention="attn", fused_qkv="c_attn", adapter=MLPOutput(),
+                         ffn=FFNModule("mlp"), ia3=IA3Sites(outputs=("attn.c_attn",), inputs=("mlp.c_proj",)),
                          no_decay=("ln_",), causal=True, summary_token="last"),
     "modernbert": BackboneSpec(
         "modernbert", layers="layers", attention="attn", fused_qkv="Wqkv", adapter=LayerOutput(),
-        no_decay=("norm",)),
+        ffn=FFNModule("mlp"), ia3=IA3Sites(outputs=("attn.Wqkv",), inputs=("mlp.Wo",)), no_decay=("norm",)),
 }
 
 

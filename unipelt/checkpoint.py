@@ -11,7 +11,7 @@ from torch import nn
 from .backbones import spec_for
 from .config import PELTConfig, PELTError
 from .gates import GateBank
-from .inject import config_of
+from .inject import SLIM_WEIGHTS, config_of, fold_settled
 from .record import check_record, mapping
 
 STATE_SCHEMA = {"config": mapping(), "backbone": mapping(), "weights": mapping()}  # what pelt_state_dict returns
@@ -44,6 +44,14 @@ def pelt_state_dict(model: nn.Module, fold: bool = True) -> dict[str, Any]:
     form (the prefix's MLP, to resume training it).
     """
     cfg = config_of(model)
+    held = getattr(model, SLIM_WEIGHTS, None)
+    if held is not None:  # a slimmed model: what it was built from, before its folds (fold_settled)
+        params = dict(model.named_parameters())
+        changed = [k for k, v in held.items() if k in params and not torch.equal(params[k].detach(), v)]
+        if changed:  # trained after slim: what it holds now is not what the saved form rebuilds
+            raise PELTError(f"this slimmed model changed since slim ({changed[0]}); slim the trained model again")
+        return {"config": cfg.to_dict(), "backbone": _backbone(model),
+                "weights": {k: v.clone() for k, v in held.items()}}
     replaced: set[int] = set()
     forms: dict[str, torch.Tensor] = {}
     for sub in cfg.submodules.values() if fold else ():
@@ -58,7 +66,8 @@ def pelt_state_dict(model: nn.Module, fold: bool = True) -> dict[str, Any]:
 
 def load_pelt_state_dict(model: nn.Module, state: dict[str, Any], where: str = "checkpoint") -> nn.Module:
     """Load a pelt_state_dict into a model built with apply_pelt(same config); strict checks (``where``: the
-    file, for the messages about its tensors)."""
+    file, for the messages about its tensors). A slim config's model then folds what folds (`unipelt.slim`'s
+    last step), so it equals the slimmed model it was saved from."""
     cfg = config_of(model)
     check_record(state, STATE_SCHEMA, where)
     saved = PELTConfig.from_dict(state["config"])
@@ -89,6 +98,9 @@ def load_pelt_state_dict(model: nn.Module, state: dict[str, Any], where: str = "
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
+    if cfg.slim is not None:  # a slim config's folds, now that the weights are in
+        fold_settled(model)
+        setattr(model, SLIM_WEIGHTS, {k: v.detach().clone() for k, v in weights.items()})
     return model
 
 

@@ -9,6 +9,7 @@ use is an error, not a silently ignored value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class Preset:
     submodules: tuple[str, ...] = ()
     gates: tuple[str, ...] = ()
     finetune: bool = False
+    options: tuple[tuple[str, Any], ...] = ()  # flat fields besides these (``(("lora_dora", True),)``)
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -42,6 +44,7 @@ class Preset:
             return {"finetune": True}
         flat: dict[str, Any] = {s: True for s in self.submodules}
         flat.update({f"{g}_gate": True for g in self.gates})
+        flat.update(self.options)
         return flat
 
 
@@ -72,9 +75,21 @@ PRESETS: dict[str, Preset] = _PresetTable((p.name, p) for p in (
            ("adapter", "prefix", "lora")),
     # No paper row; the same ablation for APL.
     Preset("unipelt_apl_nogate", "UniPELT (APL)-NoGate", 5e-4, ("adapter", "prefix", "lora")),
+    # Issue 28, the design space: methods the paper did not have and unions that add or swap them. Rates
+    # are provisional (the closest preset's) until chosen on dev: IA3 as BitFit (trained vectors), DoRA
+    # as LoRA, the parallel adapter as the adapter, the unions as UniPELT (APL).
+    Preset("ia3", "IA3", 1e-4, ("ia3",)),
+    Preset("dora", "DoRA", 5e-4, ("lora",), options=(("lora_dora", True),)),
+    Preset("parallel_adapter", "Parallel adapter", 1e-4, ("parallel_adapter",)),
+    Preset("unipelt_apl_dora", "UniPELT (APL, DoRA)", 5e-4, ("adapter", "prefix", "lora"),
+           ("adapter", "prefix", "lora"), options=(("lora_dora", True),)),
+    Preset("unipelt_apli", "UniPELT (APLI)", 5e-4, ("adapter", "prefix", "lora", "ia3"),
+           ("adapter", "prefix", "lora", "ia3")),
+    Preset("unipelt_all", "UniPELT (all)", 5e-4, ("adapter", "parallel_adapter", "prefix", "lora", "ia3"),
+           ("adapter", "parallel_adapter", "prefix", "lora", "ia3")),
 ))
 
-_TOP_FIELDS = ("name", "finetune", "init_std", "head")
+_TOP_FIELDS = ("name", "finetune", "init_std", "head", "slim")
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,8 @@ class PELTConfig:
     constant scale: 1 for adapter and prefix, ``lora_alpha / lora_r`` for LoRA (the
     authors' code). ``finetune`` trains every weight and excludes the others. ``head``: the
     classification head (``unipelt.heads.HEADS``; ``pooler``, the model's own, is the paper's).
+    ``slim``: a model `unipelt.slim` made: the gates it kept (``"layer3.adapter"``), each at its fixed
+    value; every other gated part is removed (None: not slimmed).
     """
 
     name: str = "custom"
@@ -93,6 +110,7 @@ class PELTConfig:
     submodules: dict[str, TunerConfig] = field(default_factory=dict)
     init_std: float = 0.02
     head: str = "pooler"
+    slim: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -100,10 +118,16 @@ class PELTConfig:
         if not isinstance(self.finetune, bool):
             raise PELTError(f"finetune must be true or false, got {self.finetune!r}")
         if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
-                or self.init_std <= 0:
-            raise PELTError(f"init_std must be a positive number, got {self.init_std!r}")
+                or not 0 < self.init_std < math.inf:
+            raise PELTError(f"init_std must be a positive finite number, got {self.init_std!r}")
         if self.head not in HEADS:
             raise PELTError(f"head must be one of {', '.join(HEADS)}; got {self.head!r}")
+        if self.slim is not None:
+            bad = [(k, v) for k, v in (self.slim.items() if isinstance(self.slim, dict) else [("slim", self.slim)])
+                   if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float))
+                   or not 0 <= v <= 1]
+            if bad:
+                raise PELTError(f"slim must map gate names to fixed values in [0, 1]; got {bad[0][0]!r}: {bad[0][1]!r}")
         for key, sub in self.submodules.items():
             if key not in TUNERS or not isinstance(sub, TUNERS[key]):
                 raise PELTError(f"submodule {key!r} must be a {TUNERS.get(key, TunerConfig).__name__}; "
@@ -174,7 +198,7 @@ class PELTConfig:
                 continue
             submodules[key] = _tuner(key, fields)
         return cls(name=flat.get("name", "custom"), finetune=finetune, submodules=submodules,
-                   init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"))
+                   init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"), slim=flat.get("slim"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: ``{"name", "finetune", "init_std", ["head",] "<submodule>": {fields} or null}``.
@@ -185,13 +209,15 @@ class PELTConfig:
         d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std}
         if self.head != "pooler":
             d["head"] = self.head
+        if self.slim is not None:
+            d["slim"] = dict(self.slim)
         d.update({k: (self.submodules[k].to_dict() if k in self.submodules else None) for k in TUNERS})
         return d
 
     def flat(self) -> dict[str, Any]:
         """The flat form (what ``preset`` overrides and the v1 checkpoints use)."""
         d: dict[str, Any] = {"name": self.name, "finetune": self.finetune, "init_std": self.init_std,
-                             "head": self.head}
+                             "head": self.head, **({"slim": dict(self.slim)} if self.slim is not None else {})}
         for key in TUNERS:
             d[key] = key in self.submodules
             if key in self.submodules:
@@ -221,8 +247,8 @@ class PELTConfig:
             if bad:
                 raise PELTError(f"unknown {key} field {bad[0]!r}; allowed: {', '.join(names)}")
             submodules[key] = _tuner(key, fields)
-        return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False),
-                   submodules=submodules, init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"))
+        return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False), submodules=submodules,
+                   init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"), slim=d.get("slim"))
 
 
 def _tuner(key: str, fields: dict[str, Any]) -> TunerConfig:

@@ -33,17 +33,18 @@ from torch import nn
 from .atomic import atomic_write, check_output, write_json, write_safetensors
 from .backbones import spec_for
 from .compat import is_causal_lm, no_init_weights
-from .config import PELTError
+from .config import PELTConfig, PELTError
 from .errors import one_line
 from .gates import GateBank, gate_keys
 from .heads import HEAD_ATTR
 from .inject import MERGED_ATTR, config_of, gate_values
+from .tuners import TUNERS
 from .tuners.base import WRAPPED, Merge, backbone_path, is_ours
 
 
 def calibrate_gates(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
     """Each gate's mean over every example of ``batches`` (HF keyword dicts, e.g. a DataLoader), in eval mode."""
-    config_of(model)
+    unslimmed(model)
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     count = 0
@@ -72,7 +73,7 @@ def merge(model: nn.Module, gates: Mapping[str, float] | None = None) -> nn.Modu
     nothing is gated): folded submodules take their fixed gate as scale; those that stay as modules
     (adapter, prefix) keep constant gates (a unipelt model then, for inference).
     """
-    config = config_of(model)
+    config = unslimmed(model)
     subs = config.submodules
     cannot = [name for name, sub in subs.items() if sub.merge is Merge.NONE]
     if cannot:
@@ -113,7 +114,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
     fixed gates into its tensors (LoRA: into ``lora_B``, so PEFT's constant ``lora_alpha / r`` gives the
     fixed scale): an approximation of the gated model, which the folder's README states.
     """
-    config = config_of(model)
+    config = unslimmed(model)
     subs = config.submodules
     cannot = (["fine-tuning"] if config.finetune else []) + [f"{name!r}" for name, sub in subs.items()
                                                              if sub.peft_type is None]
@@ -170,13 +171,25 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
 
 
 # ----------------------------------------------------------------------------- helpers
+def unslimmed(model: nn.Module) -> PELTConfig:
+    """The config of a model with its gates (not merged, not slimmed)."""
+    config = config_of(model)
+    if config.slim is not None:
+        raise PELTError("this model is slimmed (for inference: its gates fixed or removed); use the model it was "
+                        "slimmed from")
+    return config
+
+
 def _names(names: list[str]) -> str:
     quoted = [repr(n) for n in names]
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
 def _kinds(keys: Iterable[str]) -> str:
-    return ", ".join(sorted({key.split(".", 1)[-1].split("_")[0] for key in keys})) + " gates"
+    """The submodules these gates scale (``layer0.lora_query``: lora; ``layer0.parallel_adapter``: parallel_adapter)."""
+    gate = (key.split(".", 1)[-1] for key in keys)
+    return ", ".join(sorted({max((t for t in TUNERS if g == t or g.startswith(t + "_")), key=len, default=g)
+                             for g in gate})) + " gates"
 
 
 def _check_gates(model_gates: Iterable[str], gates: Mapping[str, float]) -> dict[str, float]:

@@ -75,6 +75,14 @@ def gate_keys(model: nn.Module) -> list[str]:
     return [key for m in model.modules() if isinstance(m, GateBank) for key in m.gate_keys]
 
 
+def slot_holders(model: nn.Module) -> list[str]:
+    """The modules of ``model`` that hold a gate slot (as an attribute, or in a dict attribute)."""
+    def holds(value: object) -> bool:
+        return isinstance(value, GateSlot) or (isinstance(value, dict) and any(map(holds, value.values())))
+
+    return [name for name, m in model.named_modules() if any(map(holds, vars(m).values()))]
+
+
 class GateSlot:
     """One gate of a bank, held by the submodule it scales (a plain object: the bank itself is
     registered once, in the layer's ``pelt_gates``)."""
@@ -97,10 +105,12 @@ class GateSlot:
         """Its name in ``gate_values()`` and in the fixed gates of ``merge``: ``layer3.lora_value``."""
         return self.bank.gate_keys[self.index]
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
+    def scale(self, x: torch.Tensor | None) -> torch.Tensor:
         """The gate for input ``x``, shaped to scale (batch, tokens, features): (batch, 1, 1), or
-        (batch, tokens, 1) when causal, in one slice (a decoder's generation step is counted in ops)."""
-        values = self.bank.values(x)
+        (batch, tokens, 1) when causal, in one slice (a decoder's generation step is counted in ops).
+        ``x=None``: the values this forward already computed (a submodule later in the layer than its
+        gate's input, e.g. (IA)^3 on the FFN reading the attention input's gate)."""
+        values = self.bank.values(x) if x is not None else self.bank.cached()
         if values.dim() == 3:
             return values if values.shape[-1] == 1 else values[..., self.index:self.index + 1]
         return values[:, self.index:self.index + 1].unsqueeze(-1)

@@ -14,15 +14,17 @@ from . import context
 from .backbones import spec_for
 from .config import PELTConfig
 from .errors import PELTError
-from .gates import GateRequests
+from .gates import GateBank, GateRequests, gate_keys, slot_holders
 from .heads import attach_head
 from .tuners import EXPLICIT_ATTENTION, Target
+from .tuners.base import Merge
 
 # A config may add at most as many parameters as the backbone has, and this many whatever its size: a size
 # beyond that (``lora_r: 1000000000``) is refused before anything is allocated.
 MIN_PARAMETER_BUDGET = 1 << 26
 LAST_GATES = "_pelt_last_gates"  # base model attribute: the last forward's gates, detached
 MERGED_ATTR = "pelt_merged"  # set by a merge that keeps unipelt modules: for inference, not to save or merge again
+SLIM_WEIGHTS = "pelt_slim_weights"  # a slimmed model's trained tensors before its folds: what it saves
 
 
 def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
@@ -109,14 +111,50 @@ def _inject(model: nn.Module, config: PELTConfig) -> nn.Module:
                                 ("input_ids", "attention_mask", "inputs_embeds", "position_ids")
                                 if k in signature}
         base._pelt_causal = spec.causal
+        base._pelt_context = True
         base.register_forward_pre_hook(_enter_context, with_kwargs=True)
         base.register_forward_hook(_leave_context, always_call=True)
     if not any(p.requires_grad for p in model.parameters()):
         # e.g. BitFit on a backbone without biases, under a frozen language-modelling head
         raise PELTError(f"{config.name} trains nothing on this {spec.family} model (bitfit needs bias "
                         f"terms; a language-modelling head stays frozen)")
+    if config.slim is not None:
+        settle(model, config)
     model.pelt_config = config
     return model
+
+
+def settle(model: nn.Module, config: PELTConfig) -> None:
+    """A slim config's structure (`unipelt.slim`): every gate in ``config.slim`` becomes a constant inside the
+    submodule it scales, every other gated part is removed, and the gate banks go. Its folds follow once the
+    weights are in (``fold_settled``)."""
+    keys = set(gate_keys(model))
+    unknown = sorted(set(config.slim) - keys)
+    if unknown:
+        raise PELTError(f"slim names gates this model does not have: {unknown[:3]}")
+    layers = spec_for(model).layer_list(model)
+    for sub in config.submodules.values():
+        for layer in range(len(layers)):
+            sub.settle(model, layer, config.slim)
+    for layer in layers:
+        if hasattr(layer, "pelt_gates"):
+            del layer.pelt_gates
+    holders = slot_holders(model)
+    if holders or any(isinstance(m, GateBank) for m in model.modules()):
+        raise PELTError(f"slim: {holders[0] if holders else 'a gate bank'} still reads a gate after every submodule "
+                        "settled its gates (its tuner's settle missed it)")
+    base = model.base_model
+    # nothing left reads the per-forward context but a shared tensor (the prefix) or a decoder's positions
+    base._pelt_context = bool(getattr(base, "_pelt_shared", None)) or spec_for(model).causal
+
+
+def fold_settled(model: nn.Module) -> None:
+    """A slim model's last step, once its weights are in: fold what folds, each part with its constant gate."""
+    layers = len(spec_for(model).layer_list(model))
+    for sub in config_of(model).submodules.values():
+        if sub.merge is Merge.FOLD:
+            for layer in range(layers):
+                sub.fold(model, layer, {})
 
 
 def _argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> torch.Tensor | None:
@@ -131,6 +169,8 @@ def _enter_context(base: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
 
     Module-level functions reading only the module they are given (no closure): deepcopy works.
     """
+    if not base._pelt_context:  # a slimmed model with nothing that reads it
+        return None
     ids = _argument(base, args, kwargs, "input_ids")
     reference = ids if ids is not None else _argument(base, args, kwargs, "inputs_embeds")
     mask = _argument(base, args, kwargs, "attention_mask")

@@ -87,8 +87,7 @@ def check_record(record: Any, schema: dict[str, Any], where: str, prefix: str = 
             shown = repr(record[key])
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise PELTError(f"{where}: {name} = {shown} must be {spec.rule}")
-    backbone = record.get("backbone") if schema is IDENTITY or "backbone" in schema else None
-    if isinstance(backbone, dict) and len(backbone["id2label"]) != backbone["num_labels"]:
-        raise PELTError(f"{where}: backbone.id2label has {len(backbone['id2label'])} labels but backbone.num_labels "
-                        f"is {backbone['num_labels']}")
+    if schema is BACKBONE and len(record["id2label"]) != record["num_labels"]:
+        raise PELTError(f"{where}: {prefix}id2label has {len(record['id2label'])} labels but {prefix}num_labels "
+                        f"is {record['num_labels']}")
     return record

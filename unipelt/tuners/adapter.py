@@ -13,6 +13,7 @@ PEFT has no adapter of this kind.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ from torch.nn.functional import linear
 from ..backbones import BackboneSpec, LayerOutput, MLPOutput, PostLNOutput, PostLNSublayer
 from ..errors import PELTError
 from ..gates import GateSlot
-from .base import Merge, Target, TunerConfig
+from .base import Merge, Target, TunerConfig, model_layer, replace_children
 
 ACTIVATIONS = {"relu": torch.relu, "gelu": nn.functional.gelu, "tanh": torch.tanh, "silu": nn.functional.silu}
 
@@ -40,6 +41,7 @@ class Adapter(nn.Module):
             nn.init.normal_(layer.weight, std=init_std)
             nn.init.zeros_(layer.bias)
         self.gate = gate  # reads the adapter input, scales the adapter output
+        self.fixed: float | None = None  # a gate `unipelt.slim` fixed
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
@@ -52,9 +54,9 @@ class Adapter(nn.Module):
         """``residual + g * up(act(down(a)))`` (one fused multiply-add when gated)."""
         # functions, not module calls (each costs microseconds in a decoder's generation step)
         up = linear(self.act(linear(a, self.down.weight, self.down.bias)), self.up.weight, self.up.bias)
-        if self.gate is None:
-            return residual + up
-        return torch.addcmul(residual, up, self.gate.scale(a))
+        if self.gate is not None:
+            return torch.addcmul(residual, up, self.gate.scale(a))
+        return residual + up if self.fixed is None else torch.add(residual, up, alpha=self.fixed)
 
 
 class AdapterOutput(nn.Module):
@@ -100,7 +102,10 @@ class AdapterMLP(nn.Module):
 
 
 def _after_layer(layer: nn.Module, args: Any, output: Any) -> Any:
-    """Forward hook of a pre-norm layer: ``y + adapter(y)`` (a module-level function: deepcopy works)."""
+    """Forward hook of a pre-norm layer: ``y + adapter(y)`` (a module-level function: deepcopy works);
+    nothing once `unipelt.slim` removed the adapter."""
+    if not hasattr(layer, "adapter"):
+        return None
     if isinstance(output, tuple):
         return (layer.adapter.add_to(output[0], output[0]), *output[1:])
     return layer.adapter.add_to(output, output)
@@ -140,6 +145,18 @@ class AdapterConfig(TunerConfig):
                 layer.register_forward_hook(_after_layer)
             else:
                 raise PELTError(f"unknown adapter site {site!r}")
+
+    def settle(self, model: nn.Module, layer: int, gates: Mapping[str, float]) -> None:
+        block = model_layer(model, layer)
+        adapter = next((m for m in block.modules() if isinstance(m, Adapter)), None)
+        if adapter is None or adapter.gate is None:
+            return
+        if adapter.gate.key in gates:
+            adapter.fixed, adapter.gate = gates[adapter.gate.key], None
+        elif isinstance(getattr(block, "adapter", None), Adapter):  # after a pre-norm layer (its hook then passes)
+            del block.adapter
+        else:
+            replace_children(block, (AdapterOutput, AdapterSublayer, AdapterMLP), lambda m: m.base)
 
     def v1_gate_path(self, spec: BackboneSpec, key: str) -> str | None:
         if key == "adapter" and isinstance(spec.adapter, PostLNOutput):

@@ -86,6 +86,7 @@ class TunerConfig:
     - ``peft_type`` and ``peft``: what `unipelt.to_peft` writes for it;
     - ``saved_form`` and ``load_saved_form``: trainable tensors saved (and counted, as the paper counts
       them) in another form than they train in;
+    - ``settle``: how `unipelt.slim` fixes its gates as constants or removes it, layer by layer;
     - ``v1_gate_path``: where unipelt v1 kept its gates (old checkpoints).
     """
 
@@ -120,6 +121,14 @@ class TunerConfig:
         """Tuners with a ``peft_type``: the tuner as a PEFT adapter, each gate fixed at ``gates[slot.key]``.
         Raise PELTError naming what PEFT cannot express of this model (e.g. a fused projection)."""
         raise PELTError(f"{self.name!r} cannot be exported to PEFT (it declares no PEFT mapping)")
+
+    def settle(self, model: nn.Module, layer: int, gates: Mapping[str, float]) -> None:
+        """`unipelt.slim`: make this tuner's part of layer ``layer`` read no gate bank. A gated part whose
+        gate (``slot.key``) is in ``gates`` keeps ``gates[key]`` as a constant; a gated part whose gate is
+        not is removed (the layer computes there what the backbone computes). Ungated parts stay.
+        Default: nothing for an ungated tuner; a gated one that declares no settle is refused."""
+        if self.gate:
+            raise PELTError(f"{self.name!r} cannot be slimmed (it declares no settle)")
 
     def saved_form(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, torch.Tensor]]:
         """Trainable parameters that checkpoints save (and `count_trainable` counts) in another form, and
@@ -168,6 +177,35 @@ def backbone_path(model: nn.Module, path: str) -> str:
             out.append(segment)
         module = getattr(module, segment)
     return ".".join(out)
+
+
+def resolve(root: nn.Module, path: str, inside: bool = False) -> tuple[nn.Module, str]:
+    """The parent and child name of the backbone's module at ``path`` (from ``root``) now that unipelt may
+    have wrapped modules on the way (BERT's ``output`` in an adapter: ``output.dense`` is then
+    ``output.base.dense``). ``inside``: the backbone's own module, inside any wrapper of it; else the
+    outermost module standing in its place."""
+    parent, module = root, root
+    segments = path.split(".")
+    for segment in segments:
+        while not hasattr(module, segment) and is_ours(module) and _wrapped(module):
+            module = getattr(module, _wrapped(module))
+        parent, module = module, getattr(module, segment)
+    name = segments[-1]
+    while inside and is_ours(module) and _wrapped(module):
+        parent, name = module, _wrapped(module)
+        module = getattr(module, name)
+    return parent, name
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    """The backbone's module inside unipelt's wrappers of it."""
+    while is_ours(module) and _wrapped(module):
+        module = getattr(module, _wrapped(module))
+    return module
+
+
+def _wrapped(module: nn.Module) -> str | None:
+    return next((name for name in WRAPPED if isinstance(getattr(module, name, None), nn.Module)), None)
 
 
 def model_layer(model: nn.Module, index: int) -> nn.Module:

@@ -23,9 +23,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...backbones import BackboneSpec
+from ...backbones import BackboneSpec, spec_for
 from ...errors import PELTError
-from ..base import Merge, Target, TunerConfig
+from ..base import Merge, Target, TunerConfig, innermost
 from .attention import use_prefix_attention
 from .deberta import DebertaV2Attention
 from .encoder import PREFIX_ATTR, PrefixEncoder
@@ -39,8 +39,10 @@ __all__ = ["EXPLICIT_ATTENTION", "PREFIX_ATTR", "PrefixConfig", "PrefixEncoder",
 
 
 def _fill_gate(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Pre-hook of a gated attention module: compute its input's gates (cached for this forward)."""
-    module.pelt_prefix_gate.bank.values(args[0] if args else kwargs["hidden_states"])
+    """Pre-hook of a gated attention module: compute its input's gates (cached for this forward); nothing
+    once `unipelt.slim` fixed or removed the gate."""
+    if module.pelt_prefix_gate is not None:
+        module.pelt_prefix_gate.bank.values(args[0] if args else kwargs["hidden_states"])
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,36 @@ class PrefixConfig(TunerConfig):
             if self.gate and spec.explicit_attention is None:
                 attention.register_forward_pre_hook(_fill_gate, with_kwargs=True)
 
+    def settle(self, model: nn.Module, layer: int, gates: Mapping[str, float]) -> None:
+        """The prefix becomes static (``fold_prefix``); a fixed gate scales the layer's slice of it (applied
+        once to the cached prefix, not per forward), a removed one takes the layer's prefix away; with no
+        layer left reading it, the prefix goes (nothing runs it once per forward)."""
+        encoder = prefix_encoder(model)
+        encoder.fold()
+        attentions = [innermost(block.get_submodule(spec_for(model).attention))  # DeBERTa's: the wrapped one
+                      for block in spec_for(model).layer_list(model)]
+        attention = attentions[layer]
+        slot = attention.pelt_prefix_gate
+        attention.pelt_prefix_gate = None
+        if slot is not None and slot.key in gates:
+            encoder.scale_layer(layer, gates[slot.key])
+        elif slot is not None:
+            attention.pelt_prefix_layer = None
+        if layer == len(attentions) - 1 and all(a.pelt_prefix_layer is None for a in attentions):
+            delattr(model.base_model, PREFIX_ATTR)
+            del model.base_model._pelt_shared[PREFIX_ATTR]
+
     def saved_form(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[str, torch.Tensor]]:
         """An unfolded prefix is saved (and counted, as the paper counts it) as its output, the static prefix."""
         encoder = prefix_encoder(model)
-        if encoder.folded:
+        if encoder is None or encoder.folded:  # None: `unipelt.slim` removed it from every layer
             return [], {}
         return list(encoder.parameters()), {_static_name(model): encoder.folded_value()}
 
     def load_saved_form(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
         encoder = prefix_encoder(model)
+        if encoder is None:
+            return
         if _static_name(model) in weights and not encoder.folded:
             encoder.fold()  # a folded checkpoint: the network is gone for good
         elif encoder.folded and _static_name(model) not in weights:

@@ -39,6 +39,7 @@ class PrefixEncoder(nn.Module):
             nn.init.normal_(linear.weight, std=init_std)
             nn.init.zeros_(linear.bias)
         self.static: nn.Parameter | None = None
+        self.register_buffer("layer_scale", None, persistent=False)  # per-layer gates `unipelt.slim` fixed
         self._cache: torch.Tensor | None = None
         self._cache_key: tuple | None = None
 
@@ -55,17 +56,30 @@ class PrefixEncoder(nn.Module):
         out = self.mlp(self.embedding.weight)
         return out.view(self.kv_shape).permute(1, 2, 3, 0, 4)
 
+    def scaled(self) -> torch.Tensor:
+        """The prefix (static or computed), each layer's slice times its fixed gate when `unipelt.slim` fixed them."""
+        out = self.static if self.static is not None else self.compute()
+        return out if self.layer_scale is None else out * self.layer_scale.view(-1, 1, 1, 1, 1)
+
+    def scale_layer(self, layer: int, value: float) -> None:
+        if self.layer_scale is None:
+            ref = self.static if self.static is not None else self.embedding.weight
+            self.layer_scale = torch.ones(self.kv_shape[1], dtype=ref.dtype, device=ref.device)
+        self.layer_scale[layer] = value
+        self._cache = None
+
     def forward(self) -> torch.Tensor:
-        if self.static is not None:
+        if self.static is not None and self.layer_scale is None:
             return self.static
         if torch.is_grad_enabled():  # training, or a backward in eval mode: never cached
             self._cache = None
-            return self.compute()
+            return self.scaled()
         if torch.compiler.is_compiling():  # run inside the graph: the key's data pointers would break it
-            return self.compute()
-        key = tuple((p.data_ptr(), version_counter(p), p.dtype, p.device) for p in self.parameters())
+            return self.scaled()
+        key = tuple((p.data_ptr(), version_counter(p), p.dtype, p.device)
+                    for p in (*self.parameters(), *self.buffers()))
         if self._cache is None or key != self._cache_key:
-            self._cache = self.compute().contiguous()
+            self._cache = self.scaled().contiguous()
             self._cache_key = key
         return self._cache
 
