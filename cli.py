@@ -34,20 +34,13 @@ def main(args: list[str] | None = None) -> None:
     print_kept_help(argv)  # `SUBCOMMAND --help` seen before: printed without importing torch
     from lightning_modules import kinds, run
 
-    kind = kinds.CLASSIFICATION
-    with run.held_stderr() as held:  # until the run's checks pass: a refusal prints its one line only
-        try:
-            kind = kinds.choose_kind(argv)
-            with keep_help(argv):
-                run.build_cli(None if args is None else argv, kind=kind)
-        except Exception as err:
-            answer = run.refusal(err, kind)
-            if answer is None:
-                raise
-            held.discard()
-            status, line = answer
-            print(f"error: {line}", file=sys.stderr)
-            sys.exit(status)
+    def work(kind: kinds.RunKind) -> None:
+        with keep_help(argv):
+            run.build_cli(None if args is None else argv, kind=kind)
+
+    status = run.run_or_refuse(argv, work)  # a refusal: its one `error:` line alone on stderr, exit 2
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ LOCK_FILE = ".unipelt.lock"  # in the run folder while a `fit` writes it
 RUN_OUTPUTS = {"checkpoints": True, "export": True, "lightning_logs": True, SUMMARY_FILE: False, "gates.png": False,
                "config.yaml": False}
 
-__all__ = ["PELTCLI", "SUMMARY_FILE", "build_cli", "refusal"]
+__all__ = ["PELTCLI", "SUMMARY_FILE", "build_cli", "refusal", "run_or_refuse"]
 
 
 # ----------------------------------------------------------------------------- run folders and checkpoints
@@ -385,16 +385,16 @@ class PELTCLI(CLIWithCheckpointCheck):
         target = self.model.predictions_path(self.datamodule, self.config.predict.get("predictions"),
                                              Path(self.trainer.default_root_dir))
         files = self.model.check_predictions(self.datamodule, target)
-        inputs = self._inputs()
+        inputs = self.inputs()
         for path in {target, *files}:
             check_output(path, folder=path not in files, option="--predictions", inputs=inputs)
         self._check_inputs()
         self.trainer.callbacks.append(PredictionWriter(target))
 
-    def _inputs(self) -> dict[str, Any]:
+    def inputs(self) -> dict[str, Any]:
         """What this run reads, by the option naming it (a file, or a folder such as the backbone's): never an
         output."""
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         found: dict[str, Any] = {"--ckpt_path": config.get("ckpt_path")}
         found.update({f"--config {i}": str(path) for i, path in enumerate(config.get("config") or [])})
         for section in ("model", "data"):
@@ -424,6 +424,26 @@ def build_cli(args: list[str] | None, run: bool = True, kind: RunKind | None = N
         defaults = checkpoint_defaults(subcommand, load_checkpoint_file(ckpt_path, mmap=True), kind)
     _quiet_libraries()
     return PELTCLI(kind, args=args, run=run, ckpt_defaults=defaults)
+
+
+def run_or_refuse(argv: list[str], work: Callable[[RunKind], int | None]) -> int:
+    """The exit status of ``work(kind)`` (the kind of run ``argv`` asks for), run with the libraries quieted and
+    stderr held until its checks pass (`held_stderr`): a refusal prints one `error:` line, alone, and returns 2
+    (`refusal`); any other exception is raised (a traceback then helps). Every CLI command goes through it."""
+    kind = CLASSIFICATION
+    _quiet_libraries()
+    with held_stderr() as held:
+        try:
+            kind = choose_kind(argv)
+            return work(kind) or 0
+        except Exception as err:
+            answer = refusal(err, kind)
+            if answer is None:
+                raise
+            held.discard()
+            status, line = answer
+            print(f"error: {line}", file=sys.stderr)
+            return status
 
 
 def refusal(err: BaseException, kind: RunKind = CLASSIFICATION) -> tuple[int, str] | None:
@@ -513,6 +533,7 @@ def _quiet_libraries() -> None:
         ".*callbacks used to create the checkpoint need to be provided.*",  # only fit uses them
         ".*will save all targets and predictions in the buffer.*",  # Spearman on dev/test-sized sets: by design
         ".*is smaller than the logging interval.*",  # few-shot epochs: the epoch's mean loss is logged anyway
+        ".*LightningCLI's args parameter is intended.*",  # `slim` hands the run's parser its own options on purpose
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):

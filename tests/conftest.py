@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -38,3 +39,11 @@ def make_tiny() -> Callable[..., torch.nn.Module]:
         return model
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many bad inputs and faults tests/test_faults.py tried in this session (its `tried` calls)."""
+    faults = sys.modules.get("tests.test_faults")
+    if faults is not None and faults.BAD_INPUTS:
+        terminalreporter.write_line(f"tests/test_faults.py tried {len(faults.BAD_INPUTS)} bad inputs and faults "
+                                    f"({len(set(faults.BAD_INPUTS))} distinct)")

@@ -49,12 +49,14 @@ class FailIfReached(pl.Callback):
 
 
 class WaitForFile(pl.Callback):
-    """Hold the run at the start of training until `path` exists (at most two minutes)."""
+    """Hold the run at the start of training until `path` exists (at most two minutes); `path`.waiting says
+    that it waits (what the run writes before training, its log folder, is then written)."""
 
     def __init__(self, path: str = "") -> None:
         self.path = Path(path)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.path.with_suffix(".waiting").touch()
         deadline = time.monotonic() + 120
         while not self.path.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -260,7 +262,7 @@ def test_a_second_fit_into_a_folder_being_written_is_refused(server, tiny_model,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
-        while not (out / ".unipelt.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+        while not go.with_suffix(".waiting").exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert (out / ".unipelt.lock").exists(), first.stderr.read() if first.poll() is not None else "no lock"
         tried("second fit into a folder being written")
@@ -702,6 +704,122 @@ def test_a_malformed_checkpoint_record_is_one_line(server, own_run, own_files, t
                                      "--predictions", str(tmp_path / "p.csv")), str(ckpt))
 
 
+# ============================================================================= 4 and 6: slimmed exports, new tuners
+@pytest.fixture
+def slim_export(make_tiny, tmp_path) -> tuple[Path, torch.Tensor]:
+    """An export of a slimmed UniPELT (all) (about half of its gated parts removed) and its logits on `BATCH`."""
+    import unipelt
+
+    model = unipelt.apply_pelt(make_tiny("bert"), unipelt.PELTConfig.preset("unipelt_all"))
+    gates = unipelt.calibrate_gates(model, [BATCH])
+    slim = unipelt.slim(model, [BATCH], min_gate=sorted(gates.values())[len(gates) // 2])
+    assert 0 < len(slim.pelt_config.slim) < len(gates)
+    with torch.no_grad():
+        logits = slim(**BATCH).logits
+    return unipelt.save_pretrained(slim, tmp_path / "slim", base_model_name_or_path="tiny"), logits
+
+
+BATCH = {"input_ids": torch.arange(5, 26).reshape(3, 7), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+
+
+def test_a_tampered_slimmed_export_is_one_line_naming_the_file(slim_export, make_tiny):
+    """`from_pretrained` of a slimmed export goes through every check: the record (its `slim` gates, the new
+    tuners' fields: finite, positive, sizes against the backbone) and the tensors; each refusal is one PELTError
+    line naming the file. The untouched export loads to the slimmed model's logits."""
+    import unipelt
+    from unipelt import PELTError
+    from unipelt.io import CONFIG_NAME, WEIGHTS_NAME
+
+    folder, logits = slim_export
+    loaded = unipelt.from_pretrained(folder, model=make_tiny("bert"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**BATCH).logits, logits)
+    pristine, weights = (folder / CONFIG_NAME).read_text(), (folder / WEIGHTS_NAME).read_bytes()
+    kept = next(iter(json.loads(pristine)["pelt_config"]["slim"]))
+
+    def config(**fields):
+        def edit(record: dict) -> None:
+            for path, value in fields.items():
+                *parents, last = path.split("__")
+                node = record["pelt_config"]
+                for key in parents:
+                    node = node[key]
+                node[last] = value
+        return edit
+
+    edits = {
+        "slim a list": config(slim=[kept]),
+        "slim gate 2": config(**{f"slim__{kept}": 2}),
+        "slim gate NaN": config(**{f"slim__{kept}": float("nan")}),
+        "slim gate a string": config(**{f"slim__{kept}": "0.5"}),
+        "slim names a gate the model lacks": config(**{"slim__layer9.adapter": 0.5}),
+        "parallel_adapter.bottleneck a string": config(parallel_adapter__bottleneck="8"),
+        "parallel_adapter.bottleneck 10**9": config(parallel_adapter__bottleneck=10**9),
+        "parallel_adapter.scale Infinity": config(parallel_adapter__scale=float("inf")),
+        "parallel_adapter.activation unknown": config(parallel_adapter__activation="evil"),
+        "ia3 an unknown field": config(ia3__scale=2.0),
+        "ia3 a list": config(ia3=["key"]),
+        "lora.alpha NaN": config(lora__alpha=float("nan")),
+        "lora.dora a string": config(lora__dora="yes"),
+        "init_std NaN": config(init_std=float("nan")),
+    }
+    tried(*(f"slimmed export record: {name}" for name in edits), "slimmed export: a NaN tensor")
+    failures = []
+    for name, edit in edits.items():
+        record = json.loads(pristine)
+        edit(record)
+        (folder / CONFIG_NAME).write_text(json.dumps(record))  # NaN and Infinity: what Python's json reads back
+        try:
+            unipelt.from_pretrained(folder, model=make_tiny("bert"))
+            failures.append(f"{name}: loaded")
+        except PELTError as err:
+            if "\n" in str(err) or not str(err).startswith(repr(str(folder / CONFIG_NAME))):
+                failures.append(f"{name}: {err}")
+        except Exception as err:  # noqa: BLE001 - the point: nothing but PELTError
+            failures.append(f"{name}: {type(err).__name__}: {err}")
+    assert not failures, "\n".join(failures)
+    (folder / CONFIG_NAME).write_text(pristine)
+    (folder / WEIGHTS_NAME).write_bytes(weights)
+    rewrite_weights(folder, lambda w: next(t for t in w.values() if t.is_floating_point()).fill_(float("nan")))
+    with pytest.raises(PELTError, match="holds NaN") as caught:
+        unipelt.from_pretrained(folder, model=make_tiny("bert"))
+    assert str(caught.value).startswith(repr(str(folder / WEIGHTS_NAME)))
+
+
+def test_slim_checks_its_inputs_and_destination_before_any_work(server, own_run, tiny_model, tmp_path):
+    """`cli.py slim`: a destination that cannot be written or that is an input, and a damaged checkpoint, are one
+    `error:` line alone on stderr and exit 2, with nothing written; a good one writes the export, quietly."""
+    last = own_run / "checkpoints" / "last.ckpt"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    card_is_a_folder = tmp_path / "card-folder"
+    (card_is_a_folder / "README.md").mkdir(parents=True)
+    flipped = tmp_path / "flipped.ckpt"
+    flip_byte_in_largest_record(last, flipped)
+
+    def nan_weight(ckpt: dict) -> None:
+        name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+        ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("nan"))
+
+    cases = {
+        "slim --out a file": ([last, a_file], "is a file, not a folder"),
+        "slim --out under a file": ([last, a_file / "slim"], "is a file, so nothing"),
+        "slim --out the backbone's folder": ([last, tiny_model], "the input --model.model_name_or_path"),
+        "slim --out whose README.md is a folder": ([last, card_is_a_folder], "is a folder"),
+        "slim of a checkpoint with a flipped byte": ([flipped, tmp_path / "s1"], "CRC"),
+        "slim of a checkpoint with NaN weights": ([tampered(last, tmp_path / "nan.ckpt", nan_weight),
+                                                  tmp_path / "s2"], "NaN"),
+    }
+    tried(*cases)
+    before = {**tree(tmp_path), **tree(tiny_model)}
+    for (ckpt, out), expect in cases.values():
+        refused(server, ["slim", "--ckpt_path", str(ckpt), "--out", str(out), "--min_gate", "0.3"], expect)
+    assert {**tree(tmp_path), **tree(tiny_model)} == before
+    rc, err = server.run(["slim", "--ckpt_path", str(last), "--out", str(tmp_path / "slim"), "--min_gate", "0.3"])
+    assert rc == 0, err[-3000:]
+    assert (tmp_path / "slim" / "slim.md").exists() and not [n for n in NOISE if n in err], err
+
+
 # ============================================================================= 7. labels
 def test_numerically_equal_labels_are_one_class_and_no_number_is_nan(tmp_path):
     from datamodules.errors import DataConfigError
@@ -792,7 +910,7 @@ def test_a_grid_lock_follows_the_umask(tmp_path):
 
 # ============================================================================= 9 and issue 27: what stderr shows
 NOISE = ("tensorboardX", "Tip:", "litlogger", "litmodels", "LitLogger", "_pytree", "LeafSpec", "log_every_n_steps",
-         "Trainable params", "LOAD REPORT", "Restoring states", "configure_callbacks")
+         "Trainable params", "LOAD REPORT", "Restoring states", "configure_callbacks", "args parameter is intended")
 
 
 def test_a_run_prints_no_library_noise(server, tiny_model, glue_dir, cache_dir, tmp_path, capfd):

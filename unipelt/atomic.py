@@ -105,9 +105,9 @@ def check_output(path: str | os.PathLike, *, folder: bool = False, option: str |
     produces it, so a bad destination costs nothing.
 
     Refused: a folder where a file goes (``folder`` False) or a file where a folder goes; a parent that
-    is a file; a folder this process may not write in; an existing file that is one of ``inputs`` (what the
-    run reads, by the option naming it: ``{"--data.predict_file": "rows.csv"}``) or lies inside an input
-    folder (an input is never an output). An existing file that is not an input is replaced (atomically).
+    is a file; a folder this process may not write in; an existing file or folder that is one of ``inputs``
+    (what the run reads, by the option naming it: ``{"--data.predict_file": "rows.csv"}``) or lies inside
+    an input folder (an input is never an output). An existing file that is not an input is replaced (atomically).
     """
     path = Path(path)
     name = f"{option} {str(path)!r}" if option else repr(str(path))
@@ -115,12 +115,12 @@ def check_output(path: str | os.PathLike, *, folder: bool = False, option: str |
         raise OutputError(f"{name} is a folder; give a file name")
     if folder and path.exists() and not path.is_dir():
         raise OutputError(f"{name} is a file, not a folder")
-    if path.is_file():
+    if path.exists():  # a file, or a folder files go into
         for what, source in (inputs or {}).items():
             if source is not None and _is_or_holds(Path(str(source)).expanduser(), path):
-                where = "inside the input folder" if Path(str(source)).expanduser().is_dir() else "the input"
-                raise OutputError(f"{name} is {where} {what} {str(source)!r}; an input is never overwritten: "
-                                  "write elsewhere")
+                inside = Path(str(source)).expanduser().is_dir() and not os.path.samefile(source, path)
+                raise OutputError(f"{name} is {'inside the input folder' if inside else 'the input'} {what} "
+                                  f"{str(source)!r}; an input is never overwritten: write elsewhere")
     folder_of_path = path if folder else path.parent
     existing = folder_of_path
     while not existing.exists() and existing != existing.parent:
@@ -133,7 +133,7 @@ def check_output(path: str | os.PathLike, *, folder: bool = False, option: str |
 
 
 def _is_or_holds(source: Path, path: Path) -> bool:
-    """Whether ``path`` (an existing file) is ``source`` or lies inside the folder ``source``."""
+    """Whether ``path`` (an existing file or folder) is ``source`` or lies inside the folder ``source``."""
     try:
         if source.is_dir():
             return path.resolve().is_relative_to(source.resolve())

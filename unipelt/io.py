@@ -180,7 +180,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     """
     folder = _resolve(path_or_hub_id, revision, token)
     record = read_config(folder)
-    config = PELTConfig.from_dict(record["pelt_config"])
+    with naming(folder / CONFIG_NAME, "pelt_config"):
+        config = PELTConfig.from_dict(record["pelt_config"])
     weights = read_weights(folder, record)  # verified before the backbone is loaded
     backbone = record["backbone"]
     if model is None:
@@ -191,14 +192,24 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     else:
         _adopt_label_names(model, backbone)
     check_identity(record, model, config)
-    with no_init_weights():  # every new tensor is overwritten by the saved one (checked: none missing)
-        apply_pelt(model, config)
-    where = repr(str(folder / WEIGHTS_NAME))
-    try:
-        load_pelt_state_dict(model, {"config": config.to_dict(), "backbone": {}, "weights": weights}, where)
-    except PELTError as err:
-        raise err if str(err).startswith(where) else PELTError(f"{where}: {err}") from None
+    with naming(folder / CONFIG_NAME, "pelt_config"), no_init_weights():
+        apply_pelt(model, config)  # sizes checked against the backbone first; every new tensor is then overwritten
+    with naming(folder / WEIGHTS_NAME):
+        load_pelt_state_dict(model, {"config": config.to_dict(), "backbone": {}, "weights": weights},
+                             repr(str(folder / WEIGHTS_NAME)))
     return model.eval()
+
+
+@contextmanager
+def naming(file: Path, part: str = "") -> Iterator[None]:
+    """A PELTError raised inside starts with the file it is about (and ``part``, where in it), once."""
+    where = repr(str(file))
+    try:
+        yield
+    except PELTError as err:
+        if str(err).startswith(where):
+            raise
+        raise PELTError(f"{where}{': ' + part if part else ''}: {err}") from None
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
