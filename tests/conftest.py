@@ -43,7 +43,7 @@ def make_tiny() -> Callable[..., torch.nn.Module]:
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """How many bad inputs and faults tests/test_faults.py tried in this session (its `tried` calls)."""
-    faults = sys.modules.get("tests.test_faults")
+    faults = sys.modules.get("test_faults") or sys.modules.get("tests.test_faults")  # as pytest imported it
     if faults is not None and faults.BAD_INPUTS:
         terminalreporter.write_line(f"tests/test_faults.py tried {len(faults.BAD_INPUTS)} bad inputs and faults "
                                     f"({len(set(faults.BAD_INPUTS))} distinct)")
