@@ -34,17 +34,12 @@ def main(args: list[str] | None = None) -> None:
     print_kept_help(argv)  # `SUBCOMMAND --help` seen before: printed without importing torch
     from lightning_modules import kinds, run
 
-    kind = kinds.CLASSIFICATION
-    try:
-        kind = kinds.choose_kind(argv)
+    def work(kind: kinds.RunKind) -> None:
         with keep_help(argv):
             run.build_cli(None if args is None else argv, kind=kind)
-    except Exception as err:
-        answer = run.refusal(err, kind)
-        if answer is None:
-            raise
-        status, line = answer
-        print(f"error: {line}", file=sys.stderr)
+
+    status = run.run_or_refuse(argv, work)  # a refusal: its one `error:` line alone on stderr, exit 2
+    if status:
         sys.exit(status)
 
 

@@ -80,6 +80,9 @@ def load_or_build(path: Path, build: Callable[[], Dataset]) -> Dataset:
         datasets.disable_progress_bars()  # a bar per split for copying a few MB to disk is noise
         try:
             data.save_to_disk(str(tmp))
+        except BaseException:  # e.g. a full disk: no half-written copy stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         finally:
             if was_enabled:
                 datasets.enable_progress_bars()

@@ -22,6 +22,7 @@ from datamodules.files import (
     infer_labels,
     is_hub_name,
     label_ids,
+    label_name,
     read_hub,
     read_table,
     task_name_of,
@@ -47,7 +48,9 @@ class FileSource:
     def __init__(self, files: dict[str, str | None], text_fields: Sequence[str] | None, label_field: str,
                  labels: Sequence[Any] | None, regression: bool | None, name: str | None, few_shot: FewShot) -> None:
         self.files, self.label_field, self.few_shot = files, label_field, few_shot
-        self._given_labels = [str(x) for x in labels] if labels else None
+        self._given_labels = [label_name(x) for x in labels] if labels else None
+        if self._given_labels and len(set(self._given_labels)) != len(self._given_labels):
+            raise DataConfigError(f"labels={list(labels or [])!r}: a label is given twice (1, 1.0 and '1' are one)")
         self._tables: dict[str, Table | None] = {}
         self.task: TaskInfo = self._read_task(list(text_fields) if text_fields else None, regression, name)
         if files["train"] is not None:

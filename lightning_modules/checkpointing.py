@@ -4,7 +4,8 @@
   renames it over the target, so a kill during saving leaves the previous checkpoint whole; it
   refuses a truncated or foreign file with one line (`CheckpointFileError`).
 * `LastCheckpoint` keeps `last.ckpt` current: every `every_n_train_steps` optimizer steps and after
-  every validation (the module refuses to save non-finite weights, so a good one is never replaced).
+  every validation (the module refuses to save non-finite weights, so a good one is never replaced);
+  never at an epoch's last step before its validation, which Lightning would not run on resuming.
 * `ExactResume` saves the global random generators (torch, CUDA, numpy, Python) in the checkpoint
   and puts them back when training resumes, so dropout continues the uninterrupted run's stream;
   and it hands the train loader its saved position (see the class).
@@ -12,6 +13,10 @@
 Every checkpoint is read with `torch.load(weights_only=True)`: tensors, containers, numbers, strings
 and the few types in `SAFE_CHECKPOINT_TYPES`. A file that would need anything else (a class, a
 function) is refused in one line naming the file and the global it asked for; nothing in it runs.
+Before that, every record of the zip archive is read against its CRC-32 (a flipped byte is named with
+its record); after it, its parts must be mappings and every weight and optimizer moment finite, so a
+damaged or diverged checkpoint is refused in one line before anything uses it (the unipelt record is
+checked against its schema where it is read: `PELTModule.saved_identity`).
 
 Exact resume leans on a few private names of Lightning, reached through `compat.py` (which lists
 them and checks that they exist).
@@ -19,11 +24,13 @@ them and checks that they exist).
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 
 from lightning_modules import compat
 from lightning_modules.errors import CheckpointFileError
+from unipelt import PELTError
 from unipelt.atomic import atomic_write
+from unipelt.checkpoint import check_tensors
 from unipelt.errors import one_line
 
 try:
@@ -69,6 +78,8 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
         raise CheckpointFileError(
             f"--ckpt_path {str(path)!r}: not a PyTorch checkpoint (truncated, or another kind of file)"
         )
+    stat = path.stat()
+    _verify_archive(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -88,7 +99,48 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
         raise CheckpointFileError(
             f"--ckpt_path {str(path)!r}: a torch file but not a unipelt checkpoint (no {CHECKPOINT_KEY!r} entry)"
         )
+    where = f"--ckpt_path {str(path)!r}"
+    try:  # the unipelt record's fields are checked where they are read (PELTModule.saved_identity)
+        for key in (CHECKPOINT_KEY, "state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
+            if not isinstance(checkpoint.get(key, {}), dict):
+                raise PELTError(f"{where}: {key} must be a mapping, not {type(checkpoint[key]).__name__}")
+        # The weights and the optimizer's moments; callbacks keep infinities on purpose (a best score not set yet).
+        check_tensors(dict(_tensors({k: checkpoint.get(k) for k in ("state_dict", "optimizer_states")})), where)
+    except PELTError as err:
+        raise CheckpointFileError(str(err)) from None
     return checkpoint
+
+
+@functools.lru_cache(maxsize=32)
+def _verify_archive(path: str, size: int, mtime_ns: int, inode: int) -> None:
+    """Read every record of the checkpoint's zip archive, which checks its CRC-32 (torch writes one per
+    record); once per version of a file (size, mtime, inode) in a process."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                try:
+                    with archive.open(info) as record:
+                        while record.read(1 << 22):
+                            pass
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+                    raise CheckpointFileError(
+                        f"--ckpt_path {path!r}: damaged checkpoint: record {info.filename!r} fails its check "
+                        f"({one_line(err, 80)})"
+                    ) from None
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointFileError(f"--ckpt_path {path!r}: unreadable checkpoint ({one_line(err, 160)})") from None
+
+
+def _tensors(value: Any, name: str = "") -> Iterator[tuple[str, Any]]:
+    """Every tensor in a checkpoint, by its path (``state_dict.model.classifier.weight``)."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors(item, f"{name}.{i}")
 
 
 def _unsafe_global(err: BaseException) -> str:
@@ -157,6 +209,14 @@ class LastCheckpoint(ModelCheckpoint):
     def _should_skip_last(self, trainer: pl.Trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Not at an epoch's last batch: Lightning resumes a checkpoint saved there past the validation that
+        # follows, so a kill during that validation would never see the epoch's dev score (another best
+        # checkpoint). The save after that validation holds the same step, validated.
+        if batch_idx + 1 < trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Also when a step checkpoint was written at this very step: the one after validation holds
         # the new dev score, the best-checkpoint bookkeeping and early stopping's count.
@@ -166,6 +226,19 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_last(trainer) and compat.saves_at_train_epoch_end(self, trainer):
             compat.save_last(self, trainer)
+
+
+class RunRecord(pl.Callback):
+    """Records the training seed (`seed_everything`) in every checkpoint's unipelt entry: with the module's and
+    data module's settings (which Lightning saves) it says which run a checkpoint belongs to, so a resume
+    into the same folder with another seed is refused (lightning_modules/run.py)."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault(CHECKPOINT_KEY, {})["seed"] = self.seed
 
 
 class ExactResume(pl.Callback):

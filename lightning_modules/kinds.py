@@ -60,15 +60,27 @@ def _classification_task(config: Any) -> str:
     return config.data.name or (task_name_of(config.data.train_file) if config.data.train_file else "custom")
 
 
+# Settings a resumed `fit` may change: they do not change what is trained (where files are, how fast it is
+# read, what `predict` does later; the backbone is checked by its fingerprint, not by its path).
+FREE_ON_RESUME = frozenset({
+    "model.model_name_or_path", "model.checkpoint_every_n_steps", "data.model_name_or_path", "data.eval_batch_size",
+    "data.num_workers", "data.cache_dir", "data.predict_file", "data.test_file",
+})
+
+
 @dataclass(frozen=True)
 class RunKind:
-    """What differs between a classification and an instruction run: the classes, and how they are linked."""
+    """What differs between a classification and an instruction run: the classes, how they are linked, which of
+    their options name where we write (never taken from a checkpoint: a file a user was sent must not choose
+    where we write) and which a resumed run may change."""
 
     name: str
     module: type[pl.LightningModule]
     datamodule: type[pl.LightningDataModule]
     folder_task: Callable[[Any], str]  # config -> the task part of the default run folder
     links: tuple[dict[str, Any], ...] = field(default=())  # parser.link_arguments(**link), besides the backbone
+    writes: frozenset[str] = frozenset({"data.cache_dir"})  # options naming a destination
+    free_on_resume: frozenset[str] = FREE_ON_RESUME
 
     @property
     def options(self) -> frozenset[str]:
@@ -95,6 +107,9 @@ MULTITASK = RunKind(
 INSTRUCTION = RunKind(
     INSTRUCTION_TASK, CausalLMModule, InstructionDataModule, lambda config: INSTRUCTION_TASK,
     links=({"source": "model.gguf_file", "target": "data.gguf_file"},),
+    writes=frozenset({"data.cache_dir", "model.predict_output"}),
+    free_on_resume=FREE_ON_RESUME | {"model.predict_output", "model.max_new_tokens", "model.do_sample",
+                                     "model.generation_kwargs", "model.gguf_file", "data.gguf_file"},
 )
 
 

@@ -23,6 +23,7 @@ from lightning_modules.checkpointing import CHECKPOINT_KEY
 from lightning_modules.predictions import write_predictions
 from lightning_modules.unipelt_module import (
     GateMeans,
+    predicted_files,
     predicted_rows,
     predictions,
     predictions_target,
@@ -240,6 +241,11 @@ class MultiTaskModule(PELTModule):
 
     def predictions_path(self, datamodule: Any, given: str | None, run_folder: Path) -> Path:
         return predictions_target(datamodule.predict_file, given, run_folder)
+
+    def check_predictions(self, datamodule: Any, target: Path) -> list[Path]:
+        """Each predicted task's files, checked as its single-task run checks them."""
+        return [path for name, member in datamodule._active("predict").items()
+                for path in predicted_files(member, self.tasks[self.index[name]], target)]
 
     def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
         """Each predicted task's file (or GLUE's leaderboard files of each task, into one folder)."""

@@ -16,9 +16,24 @@ import pytorch_lightning as pl
 import torch
 
 from datamodules.tasks import TaskInfo
+from lightning_modules.errors import UsageError
 from unipelt.atomic import atomic_write
 
 FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".json")  # what your file's predictions can be written as
+GENERATION = "generation"  # the column a decoder's predictions add to each row
+
+
+def added_columns(task: TaskInfo) -> list[str]:
+    """The columns a classifier's predictions add to your file's: `prediction`, and `prob_<label>` per label."""
+    return ["prediction"] + ([] if task.is_regression else [f"prob_{label}" for label in task.label_names])
+
+
+def check_new_columns(columns: Any, added: list[str], source: str) -> None:
+    """UsageError, before predicting, when an input column has the name of one the predictions add: an input
+    column is never replaced."""
+    if clash := [name for name in added if name in set(columns)]:
+        raise UsageError(f"{source} already has the column(s) {clash}, which predict writes; rename them in the "
+                         "file (an input column is never replaced)")
 
 
 class PredictionWriter(pl.Callback):
@@ -96,6 +111,7 @@ def write_file_predictions(columns: dict[str, list[Any]], rows: dict[str, torch.
     n = len(next(iter(columns.values()), []))
     if rows and len(rows["idx"]) != n:
         raise RuntimeError(f"predicted {len(rows['idx'])} rows of {n}")
+    check_new_columns(columns, added_columns(task), str(path))
     out: dict[str, list[Any]] = {k: list(v) for k, v in columns.items()}
     out["prediction"] = prediction_values(rows, task)
     if not task.is_regression and rows:
@@ -134,7 +150,8 @@ def write_generations(rows: list[dict[str, Any]], outputs: list[list[tuple[int, 
     generations = dict(pair for batch in outputs for pair in batch)
     if missing := [i for i in range(len(rows)) if i not in generations]:
         raise RuntimeError(f"generated {len(generations)} rows of {len(rows)} (row {missing[0]} missing)")
+    check_new_columns({key for row in rows for key in row}, [GENERATION], str(path))
     with atomic_write(path) as f:
         for i, row in enumerate(rows):
-            f.write(json.dumps({**row, "generation": generations[i]}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({**row, GENERATION: generations[i]}, ensure_ascii=False) + "\n")
     return path

@@ -5,14 +5,23 @@
 last` and the checkpoint checks, atomic checkpoints, loggers, the checks made before anything is
 written, the summary (`summary.RunSummary`) and predictions gathered from every rank
 (`predictions.PredictionWriter`).
+
+A refusal is one `error:` line on stderr and exit status 2, whatever refused: the input, a destination,
+the network, the disk. Until the checks pass, stderr is held back (`HeldStderr`), so the line is the
+only one a refusal prints; a run that passed them prints what was held, then goes on.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import re
 import sys
+import tempfile
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +32,8 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 
 from datamodules import DataConfigError, HubUnreachableError
 from datamodules.multitask import predict_tasks
-from lightning_modules.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from lightning_modules import locks
+from lightning_modules.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, RunRecord, load_checkpoint_file
 from lightning_modules.compat import CLIWithCheckpointCheck
 from lightning_modules.errors import (
     CheckpointFileError,
@@ -43,26 +53,45 @@ from lightning_modules.kinds import CLASSIFICATION, MULTITASK, SPECIAL_CKPT, Run
 from lightning_modules.predictions import PredictionWriter
 from lightning_modules.summary import NO_TEST_FILE_NOTE, SUMMARY_FILE, RunSummary
 from unipelt import PELTError
-from unipelt.errors import one_line
+from unipelt.atomic import DISK_ERRORS, check_output, os_error_in
+from unipelt.errors import OutputError, one_line
+from unipelt.io import resolve_local
 
-# Errors that are the user's input, not our bug: one line on stderr, exit code 2, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
+# Refusals: the input, a destination, the network or the disk, not our bug: one line on stderr, exit code 2.
+REFUSALS: tuple[type[BaseException], ...] = (
     UsageError, PELTError, DataConfigError, ModelConfigError, CheckpointFileError, CheckpointMismatchError,
+    OutputError, HubUnreachableError,
 )
-USAGE_EXIT_CODE = 2
-HUB_EXIT_CODE = 1  # the network, not the input
-DIVERGED_EXIT_CODE = 1
+REFUSAL_EXIT_CODE = 2
+DIVERGED_EXIT_CODE = 1  # training ran and stopped: not a refusal
+LOCK_FILE = ".unipelt.lock"  # in the run folder while a `fit` writes it
+# What a `fit` writes into its run folder, each a folder (True) or a file: checked before the work.
+RUN_OUTPUTS = {"checkpoints": True, "export": True, "lightning_logs": True, SUMMARY_FILE: False, "gates.png": False,
+               "config.yaml": False}
 
-__all__ = ["PELTCLI", "SUMMARY_FILE", "build_cli", "refusal"]
+__all__ = ["PELTCLI", "SUMMARY_FILE", "build_cli", "refusal", "run_or_refuse"]
 
 
 # ----------------------------------------------------------------------------- run folders and checkpoints
 def default_run_dir(config: Any, kind: RunKind) -> Path:
     """One folder per distinct run, so that a method or seed switched on the command line never lands in
-    another run's folder: runs/<task>_<k>/<method>/split<data seed>_seed<training seed>."""
+    another run's folder: runs/<task>_<k>/<method>/split<data seed>_seed<training seed>, every part a plain
+    name (`folder_part`): nothing read from a file chooses where we write."""
     size = "full" if config.data.k_shot is None else f"k{config.data.k_shot}"
-    return (Path("runs") / f"{kind.folder_task(config)}_{size}" / str(config.model.method).lower()
-            / f"split{config.data.seed}_seed{config.seed_everything}")
+    task = folder_part(kind.folder_task(config), "the task's name (--data.name, the training file's or a checkpoint's)")
+    method = folder_part(str(config.model.method).lower(), "--model.method")
+    seeds = folder_part(f"split{config.data.seed}_seed{config.seed_everything}", "--data.seed or --seed_everything")
+    return Path("runs") / f"{task}_{size}" / method / seeds
+
+
+def folder_part(value: str, source: str) -> str:
+    """``value`` if it can be one folder's name (no separator, no leading dot, no control character, at most
+    100 characters), else UsageError naming ``source``: a run folder is built from such parts only."""
+    if (not value or len(value) > 100 or value.startswith(".") or any(c in value for c in "/\\")
+            or not value.isprintable()):
+        raise UsageError(f"{value!r} ({source}) cannot name a run folder (one plain name: no '/', '\\' or leading "
+                         "'.'); choose another name or give --trainer.default_root_dir")
+    return value
 
 
 def run_folder_of(ckpt_path: str) -> Path:
@@ -91,7 +120,8 @@ def checkpoint_defaults(subcommand: str, checkpoint: dict[str, Any], kind: RunKi
         defaults.update({f"data.{key}": None for key in ("train_file", "validation_file", "test_file", "predict_file")})
         if isinstance(model.get("tasks"), list):  # a multi-task run's tasks as trained, without their files
             defaults["data.tasks"] = predict_tasks(model["tasks"])
-    return {k: v for k, v in defaults.items() if k not in kind.link_targets}
+    # Where we write is never the checkpoint's to say (a file a user was sent): the command line's, or ours.
+    return {k: v for k, v in defaults.items() if k not in kind.link_targets and k not in kind.writes}
 
 
 def _loggers(root: str) -> list[Any]:
@@ -115,6 +145,7 @@ class PELTCLI(CLIWithCheckpointCheck):
                  ckpt_defaults: dict[str, Any] | None = None) -> None:
         self.kind = kind
         self.ckpt_defaults = ckpt_defaults or {}
+        self._unlock: Any = lambda: None  # `fit`: releases the run folder's lock
         self.subcommand_parsers: dict[str, LightningArgumentParser] = {}
         super().__init__(
             kind.module, kind.datamodule, args=args, run=run, save_config_kwargs={"overwrite": True},
@@ -200,8 +231,11 @@ class PELTCLI(CLIWithCheckpointCheck):
         if self.kind is MULTITASK and config.trainer.strategy == "ddp":
             # Each step trains one task's head and gates: the other tasks' take no gradient in it.
             config.trainer.strategy = "ddp_find_unused_parameters_true"
+        root = check_output(config.trainer.default_root_dir, folder=True, option="--trainer.default_root_dir")
         if self.subcommand == "fit":
-            summary = Path(config.trainer.default_root_dir) / SUMMARY_FILE
+            for name, is_folder in RUN_OUTPUTS.items():
+                check_output(root / name, folder=is_folder, option="--trainer.default_root_dir: its")
+            summary = root / SUMMARY_FILE
             if summary.exists() and not config.overwrite:
                 raise UsageError(
                     f"--trainer.default_root_dir {str(summary.parent)!r} already holds a finished run "
@@ -218,7 +252,7 @@ class PELTCLI(CLIWithCheckpointCheck):
             # Lightning draws Rich bars when rich is installed (transformers pulls it in), while transformers,
             # datasets and gguf draw tqdm bars: one kind per run, unless the user asked for Rich.
             trainer.callbacks[trainer.callbacks.index(bar)] = TQDMProgressBar()
-        trainer.callbacks.append(RunSummary(seed=config.seed_everything))
+        trainer.callbacks += [RunSummary(seed=config.seed_everything), RunRecord(seed=config.seed_everything)]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -254,10 +288,12 @@ class PELTCLI(CLIWithCheckpointCheck):
                 f"--data.max_seq_length {dm.hparams.max_seq_length} is over the {model.max_input_length} "
                 f"positions of --model.model_name_or_path {str(path)!r}"
             )
+        check_output(dm.cache_dir, folder=True, option="--data.cache_dir")
+        self._check_ckpt_path()
         if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP: the other ranks wait for it inside the trainer
             dm.stage = self.subcommand
             dm.prepare_data()
-        self._check_ckpt_path()
+        release_held_stderr()  # checked: what the libraries said so far may be shown
 
     def _check_ckpt_path(self) -> None:
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
@@ -278,19 +314,77 @@ class PELTCLI(CLIWithCheckpointCheck):
             self.config_init[self.subcommand]["ckpt_path"] = ckpt_path
         elif ckpt_path in SPECIAL_CKPT:
             return
+        checkpoint = load_checkpoint_file(ckpt_path, mmap=True)
         try:
-            self.model.check_checkpoint(load_checkpoint_file(ckpt_path, mmap=True))
+            self.model.check_checkpoint(checkpoint)
+            if self.subcommand == "fit":
+                self._check_same_run(checkpoint)
         except CheckpointMismatchError as err:
             raise CheckpointMismatchError(f"--ckpt_path {str(ckpt_path)!r}: {err}") from None
 
+    def _check_same_run(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed `fit` goes on with the checkpoint's own run: the same training seed and every setting
+        of the model and data (the method's, the data's: which rows, split seed, batch size...) but those
+        `RunKind.free_on_resume` names. CheckpointMismatchError lists what differs."""
+        saved = {"seed_everything": checkpoint[CHECKPOINT_KEY].get("seed", "unrecorded")}
+        here = {"seed_everything": self.config[self.subcommand].seed_everything}
+        for section, stored, current in (
+            ("model", checkpoint.get("hyper_parameters"), self.model.hparams),
+            ("data", checkpoint.get("datamodule_hyper_parameters"), self.datamodule.hparams),
+        ):
+            saved.update({f"{section}.{k}": v for k, v in (stored or {}).items() if not k.startswith("_")})
+            here.update({f"{section}.{k}": v for k, v in dict(current).items() if not k.startswith("_")})
+        saved.pop("model.task", None)  # the data's, compared as data.* (and by check_checkpoint)
+        if saved["seed_everything"] == "unrecorded":  # written before checkpoints recorded the seed
+            del saved["seed_everything"]
+
+        def same(a: Any, b: Any) -> bool:
+            return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+        differ = [f"--{key} {saved[key]!r} there, {here[key]!r} here" for key in here
+                  if key in saved and key not in self.kind.free_on_resume and not same(saved[key], here[key])]
+        if differ:
+            raise CheckpointMismatchError(
+                f"another run's checkpoint ({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}): resume "
+                "with that run's settings, or fit into another --trainer.default_root_dir"
+            )
+
     # ------------------------------------------------------------------ the subcommands
     def before_fit(self) -> None:
-        self._check_inputs()
+        self._unlock = self._lock_run_folder()
+        try:
+            self._check_inputs()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _lock_run_folder(self) -> Any:
+        """Claim the run folder for this `fit` (`locks`: a lock of a dead process is taken over): a second run
+        into it is refused, naming the process that writes it. Returns the release, called when the run ends
+        (and at exit, whatever ended it); a refusal leaves neither the lock nor a folder it created."""
+        if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP: rank 0 holds it for every rank
+            return lambda: None
+        folder = Path(self.trainer.default_root_dir)
+        lock, created = folder / LOCK_FILE, not folder.exists()
+        if not locks.claim(lock):
+            raise UsageError(f"--trainer.default_root_dir {str(folder)!r} is being written by {locks.holder(lock)}; "
+                             "wait for that run to end, or fit into another folder")
+
+        def release() -> None:
+            locks.release(lock)
+            if created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+        atexit.register(release)
+        return release
 
     def fit(self, **kwargs: Any) -> None:
         try:
             self.trainer.fit(**kwargs)
-        except FloatingPointError as err:
+        except BaseException as err:
+            self._unlock()
+            if not isinstance(err, FloatingPointError):
+                raise
             kept = [
                 str(p)
                 for c in self.trainer.checkpoint_callbacks
@@ -303,10 +397,13 @@ class PELTCLI(CLIWithCheckpointCheck):
     def after_fit(self) -> None:
         """Test the best checkpoint (every rank); RunSummary writes the summary when that test ends."""
         trainer = self.trainer
-        if trainer.interrupted or not self.model.tests_after_fit(self.datamodule):
-            return
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        try:
+            if trainer.interrupted or not self.model.tests_after_fit(self.datamodule):
+                return
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        finally:
+            self._unlock()
 
     def before_validate(self) -> None:
         self._check_inputs()
@@ -320,10 +417,29 @@ class PELTCLI(CLIWithCheckpointCheck):
             print(NO_TEST_FILE_NOTE, flush=True)
 
     def before_predict(self) -> None:
-        self._check_inputs()
         target = self.model.predictions_path(self.datamodule, self.config.predict.get("predictions"),
                                              Path(self.trainer.default_root_dir))
+        files = self.model.check_predictions(self.datamodule, target)
+        inputs = self.inputs()
+        for path in {target, *files}:
+            check_output(path, folder=path not in files, option="--predictions", inputs=inputs)
+        self._check_inputs()
         self.trainer.callbacks.append(PredictionWriter(target))
+
+    def inputs(self) -> dict[str, Any]:
+        """What this run reads, by the option naming it (a file, or a folder such as the backbone's): never an
+        output."""
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        found: dict[str, Any] = {"--ckpt_path": config.get("ckpt_path")}
+        found.update({f"--config {i}": str(path) for i, path in enumerate(config.get("config") or [])})
+        for section in ("model", "data"):
+            for key, value in (config.get(section) or {}).items():
+                if isinstance(value, str) and value and f"{section}.{key}" not in self.kind.writes:
+                    try:
+                        found[f"--{section}.{key}"] = resolve_local(value)
+                    except PELTError:
+                        continue
+        return found
 
     def predict(self, **kwargs: Any) -> None:
         self.trainer.predict(**{**kwargs, "return_predictions": False})  # PredictionWriter writes them
@@ -345,15 +461,37 @@ def build_cli(args: list[str] | None, run: bool = True, kind: RunKind | None = N
     return PELTCLI(kind, args=args, run=run, ckpt_defaults=defaults)
 
 
+def run_or_refuse(argv: list[str], work: Callable[[RunKind], int | None]) -> int:
+    """The exit status of ``work(kind)`` (the kind of run ``argv`` asks for), run with the libraries quieted and
+    stderr held until its checks pass (`held_stderr`): a refusal prints one `error:` line, alone, and returns 2
+    (`refusal`); any other exception is raised (a traceback then helps). Every CLI command goes through it."""
+    kind = CLASSIFICATION
+    _quiet_libraries()
+    with held_stderr() as held:
+        try:
+            kind = choose_kind(argv)
+            return work(kind) or 0
+        except Exception as err:
+            answer = refusal(err, kind)
+            if answer is None:
+                raise
+            held.discard()
+            status, line = answer
+            print(f"error: {line}", file=sys.stderr)
+            return status
+
+
 def refusal(err: BaseException, kind: RunKind = CLASSIFICATION) -> tuple[int, str] | None:
-    """(exit status, one line) for an error that is the input's, the network's or a diverged run's rather
-    than our bug; None for anything else (a traceback then helps)."""
-    if isinstance(err, USER_ERRORS):
-        return USAGE_EXIT_CODE, user_message(err, kind)
-    if isinstance(err, HubUnreachableError):
-        return HUB_EXIT_CODE, user_message(err, kind)
+    """(exit status, one line) for an error that is the input's, a destination's, the network's, the disk's or a
+    diverged run's rather than our bug; None for anything else (a traceback then helps)."""
+    if isinstance(err, REFUSALS):
+        return REFUSAL_EXIT_CODE, user_message(err, kind)
     if isinstance(err, TrainingDiverged):
         return DIVERGED_EXIT_CODE, user_message(err, kind)
+    failure = os_error_in(err)
+    if failure is not None and failure.errno in DISK_ERRORS:  # written by a library, not through atomic_write
+        where = f"{failure.filename!r} " if failure.filename else ""
+        return REFUSAL_EXIT_CODE, f"{where}could not be written: {failure.strerror or failure}"
     return None
 
 
@@ -366,6 +504,58 @@ def user_message(err: BaseException, kind: RunKind = CLASSIFICATION) -> str:
     return text
 
 
+class HeldStderr:
+    """Holds what is written to stderr (file descriptor 2: Python's warnings and logging, progress bars,
+    C libraries) in a temporary file until `release` shows it, or `discard` drops it (a refusal, whose
+    `error:` line is then the only line on stderr). `held_stderr` opens one for a CLI run."""
+
+    def __init__(self) -> None:
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._held = tempfile.TemporaryFile()
+        os.dup2(self._held.fileno(), 2)
+
+    def _restore(self, show: bool) -> None:
+        if self._held.closed:
+            return
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if show:
+            self._held.seek(0)
+            while chunk := self._held.read(1 << 16):
+                os.write(2, chunk)
+        self._held.close()
+
+    def release(self) -> None:
+        self._restore(show=True)
+
+    def discard(self) -> None:
+        self._restore(show=False)
+
+
+_HELD: list[HeldStderr] = []
+
+
+@contextmanager
+def held_stderr() -> Iterator[HeldStderr]:
+    """Hold stderr for a CLI run until its checks pass (`release_held_stderr`); whatever is still held when
+    the run ends is shown (a parser's usage message, a traceback), unless it was discarded."""
+    held = HeldStderr()
+    _HELD.append(held)
+    try:
+        yield held
+    finally:
+        _HELD.remove(held)
+        held.release()
+
+
+def release_held_stderr() -> None:
+    """The checks passed: show what was held and write to stderr directly from now on."""
+    for held in _HELD:
+        held.release()
+
+
 def _quiet_libraries() -> None:
     """No advertising and no bars for work that takes milliseconds; warnings a user can act on stay."""
     import logging
@@ -374,8 +564,11 @@ def _quiet_libraries() -> None:
     for message in (
         ".*tensorboardX.*",  # we attach our own loggers (CSV, TensorBoard when installed)
         ".*isinstance\\(treespec, LeafSpec\\).*",  # Lightning internals vs torch's pytree
+        ".*_pytree.*",  # the same, as torch words its deprecation
         ".*callbacks used to create the checkpoint need to be provided.*",  # only fit uses them
         ".*will save all targets and predictions in the buffer.*",  # Spearman on dev/test-sized sets: by design
+        ".*is smaller than the logging interval.*",  # few-shot epochs: the epoch's mean loss is logged anyway
+        ".*LightningCLI's args parameter is intended.*",  # `slim` hands the run's parser its own options on purpose
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
@@ -385,7 +578,15 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # "Loading weights" for a few dozen tensors
 
 
+# Lightning's notes on what we set up on purpose (our callbacks replace the trainer's, the schedule counts
+# the loader's batches, checkpoints restore the trained tensors): nothing a user can act on.
+_CHATTER = ("The following callbacks returned in `LightningModule.configure_callbacks`",
+            "Loading `train_dataloader` to estimate number of stepping batches",
+            "Restoring states from the checkpoint path", "Loaded model weights from the checkpoint")
+
+
 class _NoTips:
     def filter(self, record: Any) -> bool:
         text = str(record.getMessage())
-        return not (text.startswith("💡 Tip") or "litmodels" in text or "LitLogger" in text)
+        return not (text.startswith("💡 Tip") or "litmodels" in text.lower() or "litlogger" in text.lower()
+                    or text.startswith(_CHATTER))

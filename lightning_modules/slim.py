@@ -16,9 +16,14 @@ import csv
 import io
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightning_modules.errors import UsageError
 
+if TYPE_CHECKING:
+    from lightning_modules.kinds import RunKind
+
+TABLES = ("slim.md", "slim.csv")  # written in --out beside the export's files: what each layer kept
 USAGE = "cli.py slim --ckpt_path CKPT --out DIR [--min_gate G] [--data.* / --config options of validate]"
 
 
@@ -51,50 +56,49 @@ def main(argv: list[str]) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from lightning_modules.run import refusal
+    from lightning_modules.run import run_or_refuse
 
-    try:
-        return slim_run(options, rest)
-    except Exception as err:
-        answer = refusal(err)
-        if answer is None:
-            raise
-        status, line = answer
-        print(f"error: {line}", file=sys.stderr)
-        return status
+    return run_or_refuse(["--ckpt_path", str(options.ckpt_path), *rest], lambda kind: slim_run(options, rest, kind))
 
 
-def slim_run(options: argparse.Namespace, rest: list[str]) -> int:
+def slim_run(options: argparse.Namespace, rest: list[str], kind: RunKind) -> int:
+    """The work, once the options parsed: every input and destination checked before the calibration."""
     import unipelt
     from lightning_modules.checkpointing import load_checkpoint_file
-    from lightning_modules.kinds import MULTITASK, choose_kind
-    from lightning_modules.run import PELTCLI, checkpoint_defaults
-    from unipelt.atomic import atomic_write
+    from lightning_modules.kinds import MULTITASK
+    from lightning_modules.run import PELTCLI, checkpoint_defaults, release_held_stderr
+    from unipelt.atomic import atomic_write, check_output
+    from unipelt.io import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
-    checkpoint = load_checkpoint_file(options.ckpt_path)
-    kind = choose_kind(["--ckpt_path", options.ckpt_path, *rest])
     if kind is MULTITASK:  # its gates differ per task: slim one task's model (unipelt.slim of an export's task)
         raise UsageError(f"--ckpt_path {options.ckpt_path!r}: a multi-task run; slim takes a single-task run "
                          "(unipelt.slim takes one task of its export: unipelt.from_pretrained(folder, task=...))")
+    checkpoint = load_checkpoint_file(options.ckpt_path)
     cli = PELTCLI(kind, args=[*rest, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"],
                   run=False, ckpt_defaults=checkpoint_defaults("validate", checkpoint, kind))
     module, data = cli.model, cli.datamodule
     module.load_trainable(checkpoint)
     if module.hparams.method == "finetune":
         raise UsageError(f"--ckpt_path {options.ckpt_path!r}: a fine-tuned run has no submodules to slim")
+    inputs = {**cli.inputs(), "--ckpt_path": options.ckpt_path}  # the export never replaces what the run reads
+    check_output(options.out, folder=True, option="--out", inputs=inputs)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, *TABLES):
+        check_output(options.out / name, option="--out: its", inputs=inputs)
+    release_held_stderr()
     data.setup("validate")
     slimmed = unipelt.slim(module.model, data.val_dataloader(), min_gate=options.min_gate)
     report = slimmed.pelt_slim_report
     unipelt.save_pretrained(slimmed, options.out, base_model_name_or_path=str(module.hparams.model_name_or_path),
                             task=module.task_name, k_shot=data.hparams.k_shot, min_gate=options.min_gate,
                             max_abs_logit_difference=report.max_logit_diff, gates=report.kept)
-    with atomic_write(options.out / "slim.md") as f:
+    markdown, table = TABLES
+    with atomic_write(options.out / markdown) as f:
         f.write(f"# `{module.hparams.method}` slimmed at min_gate {options.min_gate}\n\n"
                 f"Checkpoint: `{options.ckpt_path}`; gates calibrated on the dev split.\n\n{report.markdown()}")
-    with atomic_write(options.out / "slim.csv") as f:
+    with atomic_write(options.out / table) as f:
         f.write(table_csv(report.rows()))
     print(report.markdown(), end="")
-    print(f"wrote {options.out}/ (unipelt.from_pretrained loads it), slim.md and slim.csv")
+    print(f"wrote {options.out}/ (unipelt.from_pretrained loads it), {markdown} and {table}")
     return 0
 
 

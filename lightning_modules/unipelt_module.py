@@ -18,7 +18,7 @@ from datamodules.tasks import TaskInfo, task_from
 from lightning_modules.base import CheckpointMismatchError, ModelConfigError, PELTModule, check_options, load_backbone
 from lightning_modules.errors import UsageError
 from lightning_modules.metrics import make_metric
-from lightning_modules.predictions import FILE_FORMATS, write_predictions
+from lightning_modules.predictions import FILE_FORMATS, added_columns, check_new_columns, write_predictions
 from unipelt import gate_values
 from unipelt.io import identity
 
@@ -154,11 +154,24 @@ class UniPELTLightningModule(PELTModule):
     def predictions_path(self, datamodule: Any, given: str | None, run_folder: Path) -> Path:
         return predictions_target(datamodule.predict_file, given, run_folder)
 
+    def check_predictions(self, datamodule: Any, target: Path) -> list[Path]:
+        return predicted_files(datamodule, self.task_info, target)
+
     def write_predictions(self, outputs: list[list[Any]], datamodule: Any, target: Path) -> list[Path]:
         return write_predictions(outputs, datamodule, self.task_info, target)
 
 
 # ----------------------------------------------------------------------------- shared with the multi-task module
+def predicted_files(datamodule: Any, task_info: Any, target: Path) -> list[Path]:
+    """What predict writes for one task: your file's predictions, one file (UsageError if a column they add is
+    already the input's); a GLUE test set's, one leaderboard file per test split."""
+    if datamodule.predict_file is None:
+        return [target / f"{name}.tsv" for name in datamodule.predict_splits.values()]
+    check_new_columns(datamodule.predict_table().columns, added_columns(task_info),
+                      f"--data.predict_file {datamodule.predict_file!r}")
+    return [target]
+
+
 def with_head(overrides: dict[str, Any] | None, head: str | None) -> dict[str, Any]:
     """`pelt_overrides` with `--model.head` in them (it feeds the PELTConfig like an override); both given: the same."""
     overrides = dict(overrides or {})

@@ -27,9 +27,9 @@ from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 
+from lightning_modules import locks
 from unipelt.atomic import write_json
 
-from . import locks
 from .results import portable
 from .tasks import METHODS, TASKS, k_tag
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +13,8 @@ from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+
+from tests.cli_server import cache_dir, glue_dir, server, tiny_model  # noqa: F401 - module-scoped fixtures
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
@@ -36,3 +39,11 @@ def make_tiny() -> Callable[..., torch.nn.Module]:
         return model
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many bad inputs and faults tests/test_faults.py tried in this session (its `tried` calls)."""
+    faults = sys.modules.get("test_faults") or sys.modules.get("tests.test_faults")  # as pytest imported it
+    if faults is not None and faults.BAD_INPUTS:
+        terminalreporter.write_line(f"tests/test_faults.py tried {len(faults.BAD_INPUTS)} bad inputs and faults "
+                                    f"({len(set(faults.BAD_INPUTS))} distinct)")

@@ -220,10 +220,11 @@ def test_quickstart_runs_offline(tmp_path):
     assert "gates      :" in proc.stdout
 
 
-@pytest.mark.parametrize("what", ["model", "dataset"])
+@pytest.mark.parametrize("what", ["model", "dataset", "decoder"])
 def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tiny_model, tmp_path, what):
-    """The hub's address refuses connections and the cache is empty: one line, exit 1 (not an input error),
-    and it says which options take local files; nothing is written."""
+    """The hub's address refuses connections and the cache is empty: the one line on stderr, exit 2 as every
+    refusal (the encoder and the decoder path alike), and it says which options take local files; nothing is
+    written."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -234,6 +235,11 @@ def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tiny_model, 
     out = tmp_path / "run"
     if what == "model":
         args, option, name = ["--config", "configs/rte_k100.yaml"], "--model.model_name_or_path", "bert-base-uncased"
+    elif what == "decoder":
+        train = tmp_path / "train.jsonl"
+        train.write_text('{"prompt": "a", "response": "b"}\n' * 8)
+        args = ["--config", "configs/instruct_example.yaml", "--data.train_file", str(train)]
+        option, name = "--model.model_name_or_path", "Qwen/Qwen2.5-0.5B"
     else:
         args = ["--data.train_file", "someone/reviews", "--model.model_name_or_path", str(tiny_model)]
         option, name = "--data.train_file", "someone/reviews"
@@ -241,10 +247,11 @@ def test_unreachable_hub_fails_in_one_line_naming_the_local_options(tiny_model, 
         [sys.executable, "cli.py", "fit", *args, "--trainer.default_root_dir", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    line = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert line.startswith("error: ") and "could not be reached" in line and option in line and name in line
-    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    line = lines[0]
+    assert line.startswith("error: ") and "could not be reached" in line and option in line and name in line, line
     assert not out.exists()
 
 

@@ -24,6 +24,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from tests.cli_server import CliServer  # noqa: F401 - tests/test_faults.py imports it from here too
 from tests.fixtures import write_rte, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +44,12 @@ class KillAtStep(pl.Callback):
 
 
 class KillInValidation(pl.Callback):
-    """SIGKILL this process when the validation after epoch `epoch` starts (its step checkpoint is written)."""
+    """SIGKILL this process inside the validation that ends epoch `epoch`, after its first batch."""
 
     def __init__(self, epoch: int = 0) -> None:
         self.epoch = epoch
 
-    def on_validation_start(self, trainer, pl_module) -> None:
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -63,89 +64,6 @@ class PoisonAtStep(pl.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
-
-
-# ----------------------------------------------------------------------------- the CLI server
-SERVER = r"""
-import json, os, sys, traceback
-sys.path.insert(0, sys.argv[1])
-import cli  # noqa: the slow imports, once
-for line in sys.stdin:
-    case = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(case["cwd"])
-            for fd, name in ((1, "stdout"), (2, "stderr")):
-                os.dup2(os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            os.environ.update(case["env"])
-            sys.argv = ["cli.py", *case["args"]]
-            try:
-                if case.get("code"):  # a snippet instead of the CLI (with everything already imported)
-                    exec(compile(case["code"], "<case>", "exec"), {})
-                else:
-                    cli.main()
-                code = 0
-            except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
-            except BaseException:
-                traceback.print_exc()
-        finally:
-            sys.stdout.flush(); sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
-
-
-class CliServer:
-    def __init__(self, tmp: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.tmp = tmp
-        self.count = 0
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(ROOT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
-
-    def run(self, args: list[str], env: dict[str, str] | None = None, code: str = "") -> tuple[int, str]:
-        """(exit status, stderr) of `python cli.py *args`; a negative status is the signal that ended it."""
-        self.count += 1
-        out, err = self.tmp / f"{self.count}.out", self.tmp / f"{self.count}.err"
-        case = {"args": args, "cwd": str(self.tmp), "stdout": str(out), "stderr": str(err), "env": env or {}}
-        case["code"] = code
-        self.proc.stdin.write(json.dumps(case) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the CLI server died"
-        return json.loads(line)["rc"], err.read_text()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = CliServer(tmp_path_factory.mktemp("cli"))
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def glue_dir(tmp_path_factory) -> Path:
-    return write_rte(tmp_path_factory.mktemp("glue"), n_train=60, n_dev=21)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
 
 
 def run_args(model: Path, data: Path, out: Path, cache: Path, **options: object) -> list[str]:
@@ -190,6 +108,13 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert Path(sa["best_checkpoint"]).name == Path(sb["best_checkpoint"]).name
 
 
+def only_line(stderr: str) -> str:
+    """A refusal prints one line on stderr, `error: ...`, and nothing else (no seed, device or progress lines)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]
+
+
 def one_line_error(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -205,9 +130,10 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("when", ["mid-epoch", "in-validation"])
 def test_sigkill_then_resume_gives_the_uninterrupted_run(server, tiny_model, glue_dir, cache_dir, tmp_path, when):
     """mid-epoch: killed after a random step (8 a epoch, 3 epochs, `last.ckpt` every 3 steps and after
-    each validation). in-validation: `last.ckpt` written at the epoch's last step, killed in the
-    validation that follows (the resumed run must validate, then go on)."""
-    every = 3 if when == "mid-epoch" else 8
+    each validation). in-validation: `last.ckpt` due every 4 steps, so also at the epoch's last step;
+    killed inside the validation that follows, in the epoch whose dev score is the best: a resume that
+    skipped that validation would keep another best checkpoint (issue 26: best-1-50 for best-0-25)."""
+    every = 3 if when == "mid-epoch" else 4
     ref, run = tmp_path / "reference", tmp_path / "killed"
     common = dict(cache=cache_dir, **{"model.checkpoint_every_n_steps": every})
     rc, err = server.run(["fit", *run_args(tiny_model, glue_dir, ref, **common)])
@@ -219,9 +145,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(server, tiny_model, glu
         # Killed before step kill_at's own checkpoint: the last one is from the step-interval or an epoch end.
         expected_step = max(s for s in range(1, kill_at) if s % every == 0 or s % 8 == 0)
     else:
-        kill_at = 16
-        kill = {"trainer.callbacks+": f"{CALLBACKS}.KillInValidation", "trainer.callbacks.epoch": 1}
-        expected_step = 16
+        best_epoch = int(Path(json.loads((ref / "summary.json").read_text())["best_checkpoint"]).stem.split("-")[1])
+        kill_at = 8 * best_epoch + 8
+        kill = {"trainer.callbacks+": f"{CALLBACKS}.KillInValidation", "trainer.callbacks.epoch": best_epoch}
+        expected_step = 8 * best_epoch + 4  # the epoch's last step is saved only once validated
     rc, err = server.run(["fit", *run_args(tiny_model, glue_dir, run, **common, **kill)])
     assert rc == -signal.SIGKILL, (kill_at, rc, err[-3000:])
     assert not (run / "summary.json").exists()
@@ -352,7 +279,7 @@ def test_bad_or_mismatched_checkpoint_is_one_line_exit_2_and_writes_nothing(
         before = tree(finished_run)
         args = run_args(tiny_model, glue_dir, out, cache_dir, ckpt_path=path)
         rc, err = server.run([subcommand, *args, *extra])
-        line = one_line_error(err)
+        line = only_line(err)
         assert rc == 2, (name, err[-2000:])
         assert expect in line and "--ckpt_path" in line, (name, line)
         assert not out.exists(), (name, sorted(p.name for p in out.rglob("*")))
@@ -451,7 +378,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(server, tiny_mode
         before = tree(tmp_path / "inputs")
         rc, err = server.run(["fit", *run_args(tiny_model, glue_dir, out, cache, **options)])
         try:
-            line = one_line_error(err)
+            line = only_line(err)
             assert rc == 2, rc
             assert expect in line, line
             assert not out.exists(), sorted(str(p) for p in out.rglob("*"))
@@ -474,7 +401,7 @@ def test_console_script_in_a_fresh_process(tiny_model, glue_dir, cache_dir, tmp_
         timeout=300,
     )
     assert proc.returncode == 2
-    assert one_line_error(proc.stderr) == "error: --data.k_shot=0: must be an integer >= 1"
+    assert only_line(proc.stderr) == "error: --data.k_shot=0: must be an integer >= 1"
     assert not out.exists()
 
 

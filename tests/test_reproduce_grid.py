@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from reproduce import locks
+from lightning_modules import locks
 from reproduce.grid import (
     ArgumentsChanged,
     GridOptions,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,9 +12,24 @@ from .backbones import spec_for
 from .config import PELTConfig, PELTError
 from .gates import GateBank
 from .inject import SLIM_WEIGHTS, config_of, fold_settled
+from .record import check_record, mapping
 
+STATE_SCHEMA = {"config": mapping(), "backbone": mapping(), "weights": mapping()}  # what pelt_state_dict returns
 BACKBONE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "vocab_size", "num_labels")
+
+
+def check_tensors(tensors: Mapping[str, Any], where: str, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """PELTError in one line naming ``where`` and the tensor, for the first saved tensor that is not finite
+    (a damaged or diverged file) or, given ``shapes`` (name -> the model's), whose shape differs."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise PELTError(f"{where}: {name} is a {type(tensor).__name__}, not a tensor")
+        if shapes is not None and name in shapes and tuple(tensor.shape) != tuple(shapes[name]):
+            raise PELTError(f"{where}: tensor {name} has shape {tuple(tensor.shape)} but the model's has "
+                            f"{tuple(shapes[name])}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PELTError(f"{where}: tensor {name} holds NaN or infinite values (a damaged file, or a diverged run)")
 
 
 def _backbone(model: nn.Module) -> dict[str, Any]:
@@ -48,10 +64,12 @@ def pelt_state_dict(model: nn.Module, fold: bool = True) -> dict[str, Any]:
     return {"config": cfg.to_dict(), "backbone": _backbone(model), "weights": weights}
 
 
-def load_pelt_state_dict(model: nn.Module, state: dict[str, Any]) -> nn.Module:
-    """Load a pelt_state_dict into a model built with apply_pelt(same config); strict checks. A slim config's
-    model then folds what folds (`unipelt.slim`'s last step), so it equals the slimmed model it was saved from."""
+def load_pelt_state_dict(model: nn.Module, state: dict[str, Any], where: str = "checkpoint") -> nn.Module:
+    """Load a pelt_state_dict into a model built with apply_pelt(same config); strict checks (``where``: the
+    file, for the messages about its tensors). A slim config's model then folds what folds (`unipelt.slim`'s
+    last step), so it equals the slimmed model it was saved from."""
     cfg = config_of(model)
+    check_record(state, STATE_SCHEMA, where)
     saved = PELTConfig.from_dict(state["config"])
     if saved.name != cfg.name:
         raise PELTError(
@@ -76,10 +94,7 @@ def load_pelt_state_dict(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     if missing or unexpected:
         raise PELTError(f"checkpoint weights do not match the model: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
-    for name, tensor in weights.items():
-        if params[name].shape != tensor.shape:
-            raise PELTError(f"checkpoint weight {name} has shape {tuple(tensor.shape)} but the "
-                            f"model's has {tuple(params[name].shape)}")
+    check_tensors(weights, where, {name: tuple(params[name].shape) for name in weights})
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

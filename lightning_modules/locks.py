@@ -1,9 +1,10 @@
-"""Claiming a run with a lock file, so that concurrent workers never take the same run.
+"""Claiming a folder with a lock file, so that two processes never write one run: `fit` locks its run folder,
+the grid (reproduce/) each run it hands to a worker.
 
 A claim is an ``O_CREAT | O_EXCL`` create, which the filesystem makes atomic. The file holds
 ``host pid``; a lock whose process is gone (same host) is stale and may be reclaimed. Reclaiming
 goes through a second short-lived O_EXCL file so that two reclaimers cannot both remove the
-stale lock and each believe they hold the new one.
+stale lock and each believe they hold the new one. The file follows the umask, as every file we write.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _create(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
@@ -70,6 +71,22 @@ def claim(path: Path) -> bool:
         guard.unlink(missing_ok=True)
 
 
+def holder(path: Path) -> str:
+    """Who holds ``path``: "process 123 on host x" (or what the file says, when it is not ours)."""
+    try:
+        text = path.read_text().split()
+    except OSError:
+        return "another process"
+    if len(text) == 2 and text[1].isdigit():
+        return f"process {text[1]} on {'this host' if text[0] == _HOST else 'host ' + repr(text[0])}"
+    return "a process that is still writing its lock"
+
+
 def release(path: Path) -> None:
-    """Drop a lock this process holds."""
+    """Drop a lock this process holds (one another process took over is left alone)."""
+    try:
+        if path.read_text().split() != [_HOST, str(os.getpid())]:
+            return
+    except OSError:
+        return
     path.unlink(missing_ok=True)
