@@ -10,6 +10,7 @@ per task (and per test split), in the order of `eval_plan`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -160,6 +161,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def task_infos(self) -> list[TaskInfo]:
         """Every task, in the model's order (its heads and gates)."""
         return [m.task_info for m in self.members.values()]
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where every task's tokenised splits are kept (the members share the run's `cache_dir`)."""
+        return next(iter(self.members.values())).cache_dir
 
     @property
     def tokenizer(self) -> Any:

