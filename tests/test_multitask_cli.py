@@ -194,10 +194,11 @@ def test_multitask_fit_and_test_on_two_processes(files, tmp_path):
              "--model.learning_rate", "0.01"], tmp_path)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["tasks"]["rte"]["test_examples"] == summary["tasks"]["stsb"]["test_examples"] == 21
+    best = str(tmp_path / summary["best_checkpoint"])  # relative to where the CLI ran (tmp_path)
     where = ["--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu"]
-    run_cli(["test", "--ckpt_path", summary["best_checkpoint"], *DDP, *where], tmp_path)
+    run_cli(["test", "--ckpt_path", best, *DDP, *where], tmp_path)
     logged = {k: v for k, v in logged_test_metrics(out, 1).items() if "loss" not in k}
-    one = scores_of(build_cli(["test", "--ckpt_path", summary["best_checkpoint"], *where]))
+    one = scores_of(build_cli(["test", "--ckpt_path", best, *where]))
     for two in (summary["test"], logged):
         assert set(two) == set(one)
         for key, value in one.items():  # Pearson merges the ranks' float32 moments (torchmetrics): rounding
