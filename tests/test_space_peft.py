@@ -81,7 +81,8 @@ def task_type(family: str) -> str:
 
 def ia3_config(family: str) -> peft.IA3Config:
     if family in PEFT_IA3_DEFAULT:  # PEFT's own default targets for the family
-        return peft.IA3Config(task_type=task_type(family))
+        # GPT-2's Conv1D stores weights transposed: said here, PEFT does not warn that it corrects the flag.
+        return peft.IA3Config(task_type=task_type(family), fan_in_fan_out=family == "gpt2")
     sites = spec_for(backbone(family)).ia3
     return peft.IA3Config(task_type=task_type(family), target_modules=list(sites.outputs + sites.inputs),
                           feedforward_modules=list(sites.inputs))

@@ -16,6 +16,10 @@ from torch import nn
 from ...compat import deberta_v2_functions
 from .encoder import prefix_for
 
+# transformers' DeBERTa-v2 modeling file (its position helpers), looked up when a layer is built: forward reads
+# a plain global, so torch.compile traces no cached call (dynamo warns about those).
+_DEBERTA: Any = None
+
 
 class DebertaV2Attention(nn.Module):
     """DeBERTa-v2's disentangled self-attention written out, with prefix and per-example LoRA.
@@ -37,13 +41,15 @@ class DebertaV2Attention(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
+        global _DEBERTA
+        _DEBERTA = deberta_v2_functions()
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
                 output_attentions: bool = False, query_states: torch.Tensor | None = None,
                 relative_pos: torch.Tensor | None = None,
                 rel_embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         att = self.inner
-        fns = deberta_v2_functions()
+        fns = _DEBERTA
         if query_states is None:
             query_states = hidden_states
         heads = att.num_attention_heads
