@@ -569,6 +569,7 @@ def _quiet_libraries() -> None:
         ".*will save all targets and predictions in the buffer.*",  # Spearman on dev/test-sized sets: by design
         ".*is smaller than the logging interval.*",  # few-shot epochs: the epoch's mean loss is logged anyway
         ".*LightningCLI's args parameter is intended.*",  # `slim` hands the run's parser its own options on purpose
+        ".*Checkpoint directory .* exists and is not empty.*",  # resuming: the lock and the resume check own the folder
     ):
         warnings.filterwarnings("ignore", message=message)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):

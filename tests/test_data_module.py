@@ -163,6 +163,8 @@ class _RecordOrder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 def test_lightning_epochs_replay_from_seed_and_epoch(glue, tokenizer, tmp_path) -> None:
     dm = make(glue, tokenizer, tmp_path, "sst2", k_shot=16, dev_size=8, batch_size=4, seed=3)
     model = _RecordOrder()

@@ -208,6 +208,7 @@ def test_pooler_trainable_without_a_backbone_pooler_is_an_error(family):
         pelt(family, "lora", head="pooler_trainable")
 
 
+@pytest.mark.filterwarnings("ignore:.*will save all targets and predictions in the buffer.*")
 def test_lightning_module_head_option_and_overrides(tmp_path):
     from lightning_modules import UniPELTLightningModule
     from lightning_modules.unipelt_module import ModelConfigError

@@ -157,6 +157,8 @@ def write_glue_tests(root: Path) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*will save all targets and predictions in the buffer.*")
 def test_glue_submission_files_for_every_task(tiny_model, tmp_path):
     """No training file needed; one file per leaderboard split, `index<TAB>prediction`, GLUE's label format."""
     root = tmp_path / "glue"
@@ -207,6 +209,7 @@ def test_predict_glue_test_set_from_a_checkpoint_into_the_run_folder(tiny_model,
     assert lines[1].split("\t")[1] in ("entailment", "not_entailment")
 
 
+@pytest.mark.filterwarnings("ignore:`UniPELTLightningModule.configure_optimizers` will be overridden")
 def test_summary_records_the_optimizer_used_and_the_loss_of_every_step(tiny_model, tmp_path):
     train = tmp_path / "reviews.csv"
     write_reviews(train, 30)
