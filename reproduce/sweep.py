@@ -50,3 +50,19 @@ def edge_arms(sweep: Path, tasks: Iterable[str], methods: Iterable[str],
             elif best == swept[0]:
                 todo.setdefault((power - 1, task), []).append(method)
     return todo
+
+
+def print_arms(folder: Path, tasks: Iterable[str], methods: Iterable[str],
+               base_rate: Callable[[str, str], float]) -> None:
+    """Write the first arms (x1/3, x1, x3 of every task and method) and print their files."""
+    pairs = [(t, m) for t in tasks for m in methods]
+    for power in (-1, 0, 1):
+        print(write_arm(folder, power, pairs, base_rate).relative_to(folder.parents[1]))
+
+
+def print_edges(folder: Path, tasks: Iterable[str], methods: Iterable[str],
+                base_rate: Callable[[str, str], float]) -> None:
+    """Write each edge arm not yet run (`folder/sweep/` holds the runs) and print `<arm> <task> <methods>`."""
+    for (power, task), chosen in sorted(edge_arms(folder / "sweep", tasks, methods, base_rate).items()):
+        write_arm(folder, power, [(task, m) for m in chosen], base_rate)
+        print(arm_name(power), task, ",".join(chosen))

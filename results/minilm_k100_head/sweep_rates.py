@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 from reproduce import sweep
-from reproduce.sweep import arm_name, edge_arms
 
 HERE = Path(__file__).resolve().parent
 OLD = HERE.parent / "minilm_k100" / "learning_rates.json"
@@ -39,20 +38,13 @@ def old_rate(task: str, method: str) -> float:
     return float(old[("stsb:" if task == "stsb" else "") + method].split()[-1])
 
 
-def write_arm(power: int, pairs: list[tuple[str, str]]) -> Path:
-    return sweep.write_arm(HERE, power, pairs, old_rate)
-
-
 def arms() -> None:
-    for power in (-1, 0, 1):
-        print(write_arm(power, [(t, m) for t in TASKS for m in METHODS]).relative_to(HERE.parents[1]))
+    sweep.print_arms(HERE, TASKS, METHODS, old_rate)
 
 
 def edges() -> None:
     """Print `<arm> <task> <methods>` for each edge arm not yet run."""
-    for (power, task), methods in sorted(edge_arms(SWEEP, TASKS, METHODS, old_rate).items()):
-        write_arm(power, [(task, m) for m in methods])
-        print(arm_name(power), task, ",".join(methods))
+    sweep.print_edges(HERE, TASKS, METHODS, old_rate)
 
 
 def final() -> None:

@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 from reproduce import sweep
-from reproduce.sweep import arm_name, edge_arms
 
 HERE = Path(__file__).resolve().parent
 HEAD_RATES = HERE.parent / "minilm_k100_head" / "learning_rates.json"
@@ -42,20 +41,13 @@ def base_rate(task: str, method: str) -> float:
     return float(head[f"{task}:{BASE[method]}"].split()[-1])
 
 
-def write_arm(power: int, pairs: list[tuple[str, str]]) -> Path:
-    return sweep.write_arm(HERE, power, pairs, base_rate)
-
-
 def arms() -> None:
-    for power in (-1, 0, 1):
-        print(write_arm(power, [(t, m) for t in TASKS for m in METHODS]).relative_to(HERE.parents[1]))
+    sweep.print_arms(HERE, TASKS, METHODS, base_rate)
 
 
 def edges() -> None:
     """Print `<arm> <task> <methods>` for each edge arm not yet run."""
-    for (power, task), methods in sorted(edge_arms(SWEEP, TASKS, METHODS, base_rate).items()):
-        write_arm(power, [(task, m) for m in methods])
-        print(arm_name(power), task, ",".join(methods))
+    sweep.print_edges(HERE, TASKS, METHODS, base_rate)
 
 
 def apl() -> None:
