@@ -1,6 +1,6 @@
 """The CLI server of the end-to-end tests: `cli.main()` in real processes, forked from one that imported it once.
 
-Importing torch + transformers + Lightning takes ~10 s here, so a module-scoped server imports `cli` once
+Importing torch + transformers + Lightning takes ~5 CPU-s here, so a module-scoped server imports them once
 and forks one child per command; a child is a real process like `python cli.py`: it can be SIGKILLed, its
 exit status is the one a shell sees, and an uncaught exception prints a traceback on its stderr. The
 fixtures (registered in tests/conftest.py) give each test module its own server, tiny model and data.
@@ -24,7 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER = r"""
 import json, os, sys, traceback
 sys.path.insert(0, sys.argv[1])
-import cli  # noqa: the slow imports, once
+import cli
+# The slow imports, once: cli.py itself imports nothing until a command runs (its --help stays fast), so
+# what every command needs (torch, transformers' BERT, Lightning, jsonargparse, matplotlib) is loaded here.
+from lightning_modules import kinds, run, slim  # noqa
+import reproduce, transformers.models.bert.modeling_bert, transformers.models.bert.tokenization_bert  # noqa
+try:
+    import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot  # noqa (the plot extra: may be absent)
+except ImportError:
+    pass
 for line in sys.stdin:
     case = json.loads(line)
     pid = os.fork()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -15,6 +16,13 @@ from transformers import (
 )
 
 from tests.cli_server import cache_dir, glue_dir, server, tiny_model  # noqa: F401 - module-scoped fixtures
+
+# `pytest -n auto` runs one worker per core: a worker (or a CLI it starts) that also spread its kernels over
+# every core would oversubscribe them, and OpenMP threads spinning on each other made the tiny models' steps
+# several times slower. One thread each, here and in every process a test starts (they inherit the variable).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,

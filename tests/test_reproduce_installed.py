@@ -61,9 +61,12 @@ def test_wheel_install_runs_a_grid_without_the_checkout(tmp_path):
         elif (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
+    # A user's shell has no PYTHONPATH to the checkout (a developer's may): with one, pip would find the
+    # checkout's package already there and install nothing.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     pip = [sys.executable, "-m", "pip"]
     subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
-                   check=True, cwd=src)
+                   check=True, cwd=src, env=env)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -73,14 +76,15 @@ def test_wheel_install_runs_a_grid_without_the_checkout(tmp_path):
     # plain path: its .pth files (an editable install of the checkout) are not processed there.
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     wheel = next((tmp_path / "dist").glob("unipelt-*.whl"))
-    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "-q", str(wheel)], check=True)
+    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "-q", str(wheel)], check=True, env=env)
 
     work = tmp_path / "work"
     write_tiny_model(work / "tiny-bert")
     write_rte(work / "glue")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run([str(python), "-c", "import cli, configs; print(cli.__file__, configs.__file__)"],
-                           check=True, capture_output=True, text=True, cwd=work, env=env).stdout
+    found = subprocess.run([str(python), "-c", "import cli, configs; print(cli.__file__, configs.__file__)"],
+                           capture_output=True, text=True, cwd=work, env=env)
+    assert found.returncode == 0, found.stderr[-3000:]
+    where = found.stdout
     assert str(ROOT) not in where and str(site) in where  # the installed copies, not the checkout
     args = ["reproduce", "--tasks", "rte", "--methods", "lora", "--seeds", "0", "--out", "grid",
             "--data-dir", "glue", "--model", "tiny-bert", "--", "--data.k_shot", "16", "--data.dev_size", "24",

@@ -60,7 +60,8 @@ def test_keeping_every_part_equals_the_calibrated_merge_with_fewer_ops(family, p
     report = slim.pelt_slim_report
     assert report.kept == report.gates and len(report.gates) > 0
     merged = unipelt.merge(model, unipelt.calibrate_gates(model, batches))
-    torch.testing.assert_close(out(slim, family), out(merged, family), rtol=1e-5, atol=1e-5)
+    # Two float paths (weights folded in another order): 1.1e-5 apart at most on one thread (gpt2, unipelt_all)
+    torch.testing.assert_close(out(slim, family), out(merged, family), rtol=1e-5, atol=3e-5)
     assert not any(isinstance(m, (GateBank, LoRALinear, FusedLoRALinear, IA3Linear)) for m in slim.modules())
     assert count_ops(slim, inputs(family)) < count_ops(merged, inputs(family)) < count_ops(model, inputs(family))
 
