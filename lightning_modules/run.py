@@ -458,7 +458,21 @@ def build_cli(args: list[str] | None, run: bool = True, kind: RunKind | None = N
     if subcommand in ("validate", "test", "predict") and ckpt_path and ckpt_path not in SPECIAL_CKPT:
         defaults = checkpoint_defaults(subcommand, load_checkpoint_file(ckpt_path, mmap=True), kind)
     _quiet_libraries()
-    return PELTCLI(kind, args=args, run=run, ckpt_defaults=defaults)
+    cli = PELTCLI(kind, args=args, run=run, ckpt_defaults=defaults)
+    if run:
+        leave_process_group()
+    return cli
+
+
+def leave_process_group() -> None:
+    """Under DDP, every rank ends the command together and closes its process group: a rank that exits while
+    the other's gloo threads still hold their connection can abort at exit ("terminate called without an
+    active exception", exit -6 after a finished `predict`). Lightning leaves the group open."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_or_refuse(argv: list[str], work: Callable[[RunKind], int | None]) -> int:
