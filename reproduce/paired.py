@@ -27,7 +27,7 @@ from scipy.stats import t as student_t
 
 from . import paper
 from .results import Cell, Key
-from .tasks import METHODS, TABLE2, TASKS, paper_setting
+from .tasks import DESIGN_SPACE, METHODS, PAPER_SINGLES, TABLE2, TASKS, paper_setting
 
 CONFIDENCE = 0.95
 
@@ -41,11 +41,11 @@ class Comparison:
 
     method: str
     others: tuple[str, ...]
-    kind: str  # "best single" or "gate"
+    kind: str  # "best single", "gate" (against its NoGate ablation) or "one" (against one other method)
 
     @property
     def label(self) -> str:
-        if self.kind == "gate":
+        if self.kind in ("gate", "one"):
             return f"{METHODS[self.method]} vs {METHODS[self.others[0]]}"
         initials = [METHODS[m][0] for m in self.others]  # the paper's "A, P, L"; full names where they clash
         names = initials if len(set(initials)) == len(initials) else [METHODS[m] for m in self.others]
@@ -53,9 +53,14 @@ class Comparison:
 
 
 def comparisons() -> list[Comparison]:
-    """The paper's Table 2, then each UniPELT variant against its NoGate ablation (a preset ``<name>_nogate``)."""
+    """The paper's Table 2, then each UniPELT variant against its NoGate ablation (a preset ``<name>_nogate``),
+    then the design space's methods against UniPELT (APL) and its single methods against the best of A, P, L.
+    A comparison whose runs a grid lacks is left out of its report."""
     out = [Comparison(u, tuple(singles), "best single") for u, singles in TABLE2]
     out += [Comparison(u, (f"{u}_nogate",), "gate") for u, _ in TABLE2 if f"{u}_nogate" in METHODS]
+    out += [Comparison(m, ("unipelt_apl",), "one") for m in DESIGN_SPACE]
+    singles = [m for m in DESIGN_SPACE if not m.startswith("unipelt")]
+    out += [Comparison(m, PAPER_SINGLES, "best single") for m in singles]
     return out
 
 
@@ -125,6 +130,7 @@ def _row(k, comp, task, versus, gains: Mapping[int, float], paper_gain, note: st
         "ci_high": ci[1] if ci else None,
         "paper_gain": paper_gain,
         "note": note,
+        "claim": comp.kind != "one" and comp.method.startswith("unipelt"),  # the paper's claim, or its kind
     }
 
 
@@ -182,7 +188,11 @@ def verdict(row: dict, backbone: str) -> str:
             f"single seed, too few to judge the claim{paper_part}."
         )
     interval = f"{row['gain_mean']:+.1f} points, 95 % CI [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}] over {n} seeds"
-    if row["ci_low"] > 0:
+    name = METHODS.get(row.get("method", ""), "the first")
+    if not row.get("claim", True):  # no claim to judge: a new method against another
+        judged = (f"{name} is better" if row["ci_low"] > 0 else f"{name} is worse" if row["ci_high"] < 0
+                  else "no difference established: the interval includes 0")
+    elif row["ci_low"] > 0:
         judged = "the claim holds"
     elif row["ci_high"] < 0:
         judged = "the claim does not hold: UniPELT is worse"

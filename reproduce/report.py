@@ -23,7 +23,7 @@ from . import paper
 from .grid import group_options
 from .paired import CONFIDENCE, paired_rows, verdict
 from .results import Cell, Key, aggregate, backbone_name, load_planned, load_records, run_id
-from .tasks import METHODS, TASKS, k_tag, paper_setting
+from .tasks import DESIGN_SPACE, METHODS, TASKS, k_tag, paper_setting
 
 Baselines = Mapping[str, float | None] | Callable[[str], float | None]
 
@@ -326,6 +326,12 @@ def _table2_markdown(rep: Report) -> list[str]:
         "methods UniPELT combines. The NoGate rows compare UniPELT with its ungated ablation.",
         "",
     ]
+    if any(r["method"] in DESIGN_SPACE for r in rep.table2):
+        out[-1:-1] = [
+            "",
+            "The design space's rows (issue 28) pair each new method with UniPELT (APL), and each new single "
+            "method with the best of A, P, L: gain = the new method − the other; they judge no paper claim.",
+        ]
     header = ["K", "comparison", "task", "vs (chosen on dev)", "seeds", "gain", "95% CI", "paper gain", "note"]
     body = [
         [

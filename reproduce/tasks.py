@@ -68,6 +68,10 @@ TABLE2 = (
     ("unipelt_apli", ("adapter", "prefix", "lora", "ia3")),
     ("unipelt_all", ("adapter", "parallel_adapter", "prefix", "lora", "ia3")),
 )
+# Issue 28's design space, beside Table 2: each new method against UniPELT (APL), the method it would
+# replace, and each new single method against the best of the paper's three (it is one more single method).
+DESIGN_SPACE = ("ia3", "dora", "parallel_adapter", "unipelt_apl_dora", "unipelt_apli", "unipelt_all")
+PAPER_SINGLES = ("adapter", "prefix", "lora")
 
 
 def k_tag(k: str | int | None) -> str:

@@ -152,3 +152,24 @@ def test_the_design_space_unions_are_compared_with_the_single_methods_they_gate(
     assert labels["unipelt_apl_dora"] == "UniPELT (APL, DoRA) vs best of A, P, D"
     # initials that clash (Parallel adapter, Prefix-tuning) give the full names
     assert labels["unipelt_all"] == "UniPELT (all) vs best of Adapter, Parallel adapter, Prefix-tuning, LoRA, IA3"
+
+
+def test_the_design_space_is_paired_with_unipelt_apl_and_its_singles_with_the_best_of_a_p_l(tmp_path):
+    """Issue 28's rows: a new method against UniPELT (APL) seed for seed, gain = new - APL, judged without the
+    paper's claim; a new single method against the best of A, P, L chosen on dev."""
+    for seed, (apl, ia3, adapter, prefix, lora) in enumerate(
+        [(0.60, 0.62, 0.50, 0.70, 0.55), (0.61, 0.64, 0.52, 0.70, 0.50), (0.59, 0.625, 0.54, 0.70, 0.52)]
+    ):
+        for method, dev, test in [("unipelt_apl", 0.7, apl), ("ia3", 0.6, ia3), ("adapter", 0.5, adapter),
+                                  ("prefix", 0.55, prefix), ("lora", 0.8, lora)]:
+            write(tmp_path, "rte", method, seed, dev, test)
+    table = rows(tmp_path)
+    versus_apl = table[("IA3 vs UniPELT (APL)", "rte")]
+    assert versus_apl["versus"] == "unipelt_apl" and versus_apl["seeds"] == "0 1 2"
+    assert versus_apl["gain_mean"] == pytest.approx((2 + 3 + 3.5) / 3)
+    sentence = verdict(table[("IA3 vs UniPELT (APL)", "Avg")], "tiny")
+    assert "IA3 is better" in sentence and "claim" not in sentence
+    singles = table[("IA3 vs best of A, P, L", "rte")]
+    assert singles["versus"] == "lora"  # best on dev; prefix is best on test and must not be chosen
+    assert singles["gain_mean"] == pytest.approx((7 + 14 + 10.5) / 3)
+    assert not any(c.startswith(("DoRA", "UniPELT (APLI)")) for c, _ in table)  # no runs: no rows
