@@ -185,7 +185,7 @@ def verdict(row: dict, backbone: str) -> str:
     if row["ci_low"] is None:
         return (
             f"{what} (K={row['k']}): {row['gain_mean']:+.1f} points over the tasks on {backbone} from a "
-            f"single seed, too few to judge the claim{paper_part}."
+            f"single seed, too few to judge{' the claim' if row.get('claim', True) else ''}{paper_part}."
         )
     interval = f"{row['gain_mean']:+.1f} points, 95 % CI [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}] over {n} seeds"
     name = METHODS.get(row.get("method", ""), "the first")
