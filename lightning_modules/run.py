@@ -51,7 +51,7 @@ from lightning_modules.help import (
 )
 from lightning_modules.kinds import CLASSIFICATION, MULTITASK, SPECIAL_CKPT, RunKind, choose_kind, option_value
 from lightning_modules.predictions import PredictionWriter
-from lightning_modules.summary import NO_TEST_FILE_NOTE, SUMMARY_FILE, RunSummary
+from lightning_modules.summary import NO_TEST_FILE_NOTE, SUMMARY_FILE, RunSummary, shown_path
 from unipelt import PELTError
 from unipelt.atomic import DISK_ERRORS, check_output, os_error_in
 from unipelt.errors import OutputError, one_line
@@ -386,7 +386,7 @@ class PELTCLI(CLIWithCheckpointCheck):
             if not isinstance(err, FloatingPointError):
                 raise
             kept = [
-                str(p)
+                shown_path(p)
                 for c in self.trainer.checkpoint_callbacks
                 for p in (getattr(c, "last_model_path", ""), c.best_model_path)
                 if p and Path(p).exists()
