@@ -169,6 +169,26 @@ def report() -> None:
         cells = [f"{len(v['removed'])}/{v['gates']} / {100 * v['test'][metric]:.2f}" for v in r["slim"].values()]
         head = f"| {r['run']} | {r['lowest_gate']:.3f} | {100 * r['full'][metric]:.2f} | "
         lines.append(head + " | ".join(cells) + " |")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:  # run: [sweep/<arm>/]<grid|...>/<task>/k100/<method>/seed<N>
+        parts = r["run"].split("/")
+        groups.setdefault((parts[-4], parts[-2]), []).append(r)
+    lines += ["", "Per task and method, over its runs (the grid's seeds and the sweep's seed-0 runs at other rates): "
+              "mean score change slimmed − full, points, and the parts removed over all runs.", "",
+              "| task | method | runs | lowest gate (min) | full test (mean) | "
+              + " | ".join(f"{g}: change / removed" for g in MIN_GATES) + " |",
+              "|---|---|---:|---:|---:|" + "---:|" * len(MIN_GATES)]
+    for (task, method), runs in sorted(groups.items()):
+        metric = next(iter(runs[0]["full"]))
+        cells = []
+        for g in MIN_GATES:
+            slims = [r["slim"][str(g)] for r in runs]
+            pairs = zip(slims, runs, strict=True)
+            change = statistics.fmean(100 * (v["test"][metric] - r["full"][metric]) for v, r in pairs)
+            cells.append(f"{change:+.2f} / {sum(len(v['removed']) for v in slims)} of {sum(v['gates'] for v in slims)}")
+        full = statistics.fmean(100 * r["full"][metric] for r in runs)
+        lines.append(f"| {task} | {method} | {len(runs)} | {min(r['lowest_gate'] for r in runs):.3f} | {full:.2f} | "
+                     + " | ".join(cells) + " |")
     timing_path = HERE / "time.json"
     if timing_path.exists():
         times = json.loads(timing_path.read_text())
