@@ -33,12 +33,20 @@ grid() {  # grid <out> <method-args json> <methods> <seeds> [workers]
 }
 # The sweep's arms hold 3 runs or fewer each: arm after arm, two workers would leave a core idle for a third of
 # the time. Two lanes instead, each one run at a time through every arm (in opposite orders): the runner's lock
-# files keep a lane off the run the other holds, and both lanes end before anything reads the sweep.
+# files keep a lane off the run the other holds. Nothing reads the sweep before both lanes have ended and no
+# live process holds a sweep run (one left running by a stopped grid.sh, or started by hand on an idle core).
 lanes() {  # lanes <arm>:<methods>...
   local reversed=() item
   for item in "$@"; do reversed=("$item" "${reversed[@]}"); done
   lane() { for item in "$@"; do grid $R/sweep/${item%%:*} $R/sweep_${item%%:*}.json "${item#*:}" 0 1 || true; done; }
   OMP_NUM_THREADS=1 lane "$@" & OMP_NUM_THREADS=1 lane "${reversed[@]}" & wait
+  python - "$R/sweep" <<'PY'
+import sys, time
+from pathlib import Path
+from lightning_modules.locks import is_stale
+while any(not is_stale(lock) for lock in Path(sys.argv[1]).glob("*/.locks/*.lock")):
+    time.sleep(30)
+PY
 }
 
 # 1.
