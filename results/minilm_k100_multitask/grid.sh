@@ -50,13 +50,14 @@ PY
 }
 
 # 1.
+ARMS=(d3 x1 x3)  # the files `sweep_rates.py arms` writes
 python $R/sweep_rates.py arms
 if [[ ${#DRY[@]} -gt 0 ]]; then  # the commands once, then what follows reads the sweep's results
-  for arm in d3 x1 x3; do grid $R/sweep/$arm $R/sweep_$arm.json "$METHODS" 0; done
+  for arm in "${ARMS[@]}"; do grid $R/sweep/$arm $R/sweep_$arm.json "$METHODS" 0; done
   [[ -f $R/learning_rates.json ]] && grid $R/grid $R/learning_rates.json "$METHODS" 0-4
   exit 0
 fi
-lanes d3:$METHODS x1:$METHODS x3:$METHODS
+lanes "${ARMS[@]/%/:$METHODS}"
 for round in 1 2 3; do
   edges=$(python $R/sweep_rates.py edges)
   [[ -z "$edges" ]] && break

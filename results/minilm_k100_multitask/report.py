@@ -70,7 +70,7 @@ def cell(values: Sequence[float]) -> str:
     mean = statistics.fmean(values)
     if interval is None:
         return f"{mean:+.1f} (n=1)"
-    if statistics.stdev(values) == 0:
+    if interval[0] == interval[1]:  # sd 0
         return f"{mean:+.1f} (sd 0, n={len(values)})"
     bold = "**" if interval[0] > 0 or interval[1] < 0 else ""
     return f"{bold}{mean:+.1f} [{interval[0]:+.1f}, {interval[1]:+.1f}]{bold} (n={len(values)})"
