@@ -83,11 +83,14 @@ def test_gains_are_paired_by_seed_with_t_intervals(tmp_path, monkeypatch):
     (panels, path), = [p for p in plots if p[1].name == "gates_unipelt_apl.png"]
     assert list(panels) == ["SST-2", "CoLA", "STS-B", "RTE"]
     assert panels["RTE"]["layer0.adapter"] == pytest.approx(0.4 + statistics.fmean([0, 0.01, 0.02]))
+    gates = row(text.split("## How far apart")[1], "adapter")  # seeds 0-2 done: each task's gate + 0.01 on average
+    assert gates[1:] == ["0.11", "0.21", "0.31", "0.41", "0.30 (layer0)"]
 
 
 def test_equal_gains_at_every_seed_are_not_an_established_difference():
     """Two seeds with the same gain have sd 0: a zero-width t interval, which must not be bolded as established."""
     cell = load_report().cell
     assert cell([-1.8, -1.8]) == "-1.8 (sd 0, n=2)"
+    assert cell([-1.8050551414489746, -1.8050521612167358]) == "-1.8 (sd 0, n=2)"  # float32 scores, same counts
     assert cell([-1.8, -1.0, -1.4]).startswith("**-1.4 [")  # a spread that still excludes 0 stays bold
     assert cell([2.0]) == "+2.0 (n=1)" and cell([]) == "-"

@@ -8,7 +8,8 @@ gain of sharing at seed s is the multi-task run's test score on a task minus the
 Its mean over seeds comes with a two-sided 95 % Student-t interval (reproduce/paired.py says why t); the
 average over tasks is paired the same way (gains averaged over the tasks at each seed first). Only seeds both
 grids finished enter a comparison. "UniPELT (APL) gains more than X" pairs the two gains by seed as well:
-(APL multi - APL single) - (X multi - X single). The gate heatmap is each task's mean test gate over the seeds.
+(APL multi - APL single) - (X multi - X single). The gate heatmap is each task's mean test gate over the seeds;
+the last table says how far apart the tasks' gates are (per submodule, and the widest gap in one layer).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ RUN = "+".join(ORDER)
 COMPARED = ("unipelt_apl", "lora", "finetune")
 MAJORITY = {"rte": 52.7, "sst2": 50.9, "cola": 0.0}  # the test set's majority class (results/minilm_k100_head)
 
+EQUAL_BELOW = 1e-3  # points: logged scores are float32 (~1e-5 points apart when equal); a test row moves 0.04-0.4
 Scores = dict[str, dict[str, dict[int, float]]]  # method -> task -> seed -> test score x100
 
 
@@ -63,14 +65,15 @@ def single_scores(root: Path) -> Scores:
 
 def cell(values: Sequence[float]) -> str:
     """Mean [95 % t interval] (n), or the mean alone below two values. Bold: the interval excludes 0. Equal gains
-    at every seed (RTE accuracy moves in steps of 1/277) give a zero-width interval that says nothing: "sd 0"."""
+    at every seed (RTE accuracy moves in steps of 1/277) give a zero-width interval that says nothing: "sd 0"
+    (equal up to the float32 rounding of the logged scores, EQUAL_BELOW)."""
     if not values:
         return "-"
     interval = t_interval(values)
     mean = statistics.fmean(values)
     if interval is None:
         return f"{mean:+.1f} (n=1)"
-    if interval[0] == interval[1]:  # sd 0
+    if statistics.stdev(values) < EQUAL_BELOW:
         return f"{mean:+.1f} (sd 0, n={len(values)})"
     bold = "**" if interval[0] > 0 or interval[1] < 0 else ""
     return f"{bold}{mean:+.1f} [{interval[0]:+.1f}, {interval[1]:+.1f}]{bold} (n={len(values)})"
@@ -132,6 +135,25 @@ def mean_gates(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.fmean(run[k] for run in runs if k in run) for k in sorted({k for run in runs for k in run})}
 
 
+def gate_section(method: str, by_task: dict[str, dict[str, float]]) -> list[str]:
+    """Per submodule, each task's mean gate over layers, and the widest gap between two tasks in any one layer:
+    how far the per-task gates (a task bias on shared weights, or a bank per task) have moved apart."""
+    tasks = [t for t in ORDER if t in by_task]
+    subs = sorted({key.split(".", 1)[1] for t in tasks for key in by_task[t]})
+    lines = ["", f"## How far apart are the tasks' gates? ({METHODS[method]}, mean test gate over the seeds)", "",
+             "| submodule | " + " | ".join(TASKS[t].paper_name for t in tasks)
+             + " | widest gap between two tasks, in one layer |", "|---|" + "---|" * (len(tasks) + 1)]
+    for sub in subs:
+        keys = sorted({k for t in tasks for k in by_task[t] if k.split(".", 1)[1] == sub})
+        means = [statistics.fmean(by_task[t][k] for k in keys if k in by_task[t]) for t in tasks]
+        gaps = {k: max(by_task[t][k] for t in tasks) - min(by_task[t][k] for t in tasks) for k in keys
+                if all(k in by_task[t] for t in tasks)}
+        widest = max(gaps, key=gaps.get) if gaps else None
+        gap = f"{gaps[widest]:.2f} ({widest.split('.', 1)[0]})" if widest else "-"
+        lines.append(f"| {sub} | " + " | ".join(f"{m:.2f}" for m in means) + f" | {gap} |")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--multi", type=Path, default=HERE / "grid", help="the multi-task grid folder")
@@ -140,12 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "report.md")
     args = p.parse_args(argv)
     multi, gates = multi_scores(args.multi)
-    args.out.write_text(report(multi, single_scores(args.single)))
+    averaged = {m: {t: mean_gates(runs) for t, runs in by_task.items()} for m, by_task in gates.items()}
+    text = report(multi, single_scores(args.single))
+    text += "".join(line + "\n" for m in COMPARED if m in averaged for line in gate_section(m, averaged[m]))
+    args.out.write_text(text)
     print(f"wrote {args.out}")
-    for method, by_task in gates.items():
+    for method, by_task in averaged.items():
         from lightning_modules.gate_plot import plot_gate_heatmap
 
-        panels = {TASKS[t].paper_name: mean_gates(by_task[t]) for t in ORDER if t in by_task}
+        panels = {TASKS[t].paper_name: by_task[t] for t in ORDER if t in by_task}
         png = plot_gate_heatmap(panels, args.out.parent / f"gates_{method}.png",
                                 f"{METHODS[method]}, multi-task, K=100: mean test gate per task over the seeds")
         print(f"wrote {png}" if png else "no heatmap: pip install matplotlib")
