@@ -30,6 +30,10 @@ from .results import Cell, Key
 from .tasks import DESIGN_SPACE, METHODS, PAPER_SINGLES, TABLE2, TASKS, paper_setting
 
 CONFIDENCE = 0.95
+# Gains closer than this (points) are equal: logged scores are float32, ~1e-5 points apart for the same count of
+# right answers, while one test row moves a score by 0.04-0.4 points. Equal gains at every seed (sd 0) give a
+# zero-width t interval that excludes 0 without saying anything: no verdict is drawn from it.
+EQUAL_BELOW = 1e-3
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,9 @@ def verdict(row: dict, backbone: str) -> str:
         )
     interval = f"{row['gain_mean']:+.1f} points, 95 % CI [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}] over {n} seeds"
     name = METHODS.get(row.get("method", ""), "the first")
-    if not row.get("claim", True):  # no claim to judge: a new method against another
+    if row["ci_high"] - row["ci_low"] < EQUAL_BELOW:
+        judged = "the same gain at every seed (sd 0): a t interval cannot judge it"
+    elif not row.get("claim", True):  # no claim to judge: a new method against another
         judged = (f"{name} is better" if row["ci_low"] > 0 else f"{name} is worse" if row["ci_high"] < 0
                   else "no difference established: the interval includes 0")
     elif row["ci_low"] > 0:

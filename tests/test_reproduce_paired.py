@@ -130,6 +130,8 @@ def test_verdict_sentence():
     worse = {"gain_mean": -2.0, "ci_low": -3.0, "ci_high": -1.0, "paper_gain": None}
     assert "does not hold" in verdict(row | worse, "b")
     assert "not established" in verdict(row | {"ci_low": -1.0, "ci_high": 5.0, "paper_gain": None}, "b")
+    same = verdict(row | {"gain_mean": -1.8, "ci_low": -1.80506, "ci_high": -1.80505, "paper_gain": None}, "b")
+    assert same.endswith("[-1.8, -1.8] over 5 seeds; the same gain at every seed (sd 0): a t interval cannot judge it.")
 
 
 def test_markdown_and_csv_carry_the_paired_table(grid, tmp_path):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from the repository, no install
-from reproduce.paired import t_interval  # noqa: E402
+from reproduce.paired import EQUAL_BELOW, t_interval  # noqa: E402
 from reproduce.results import load_records  # noqa: E402
 from reproduce.tasks import METHODS, TASKS  # noqa: E402
 
@@ -31,7 +31,6 @@ RUN = "+".join(ORDER)
 COMPARED = ("unipelt_apl", "lora", "finetune")
 MAJORITY = {"rte": 52.7, "sst2": 50.9, "cola": 0.0}  # the test set's majority class (results/minilm_k100_head)
 
-EQUAL_BELOW = 1e-3  # points: logged scores are float32 (~1e-5 points apart when equal); a test row moves 0.04-0.4
 Scores = dict[str, dict[str, dict[int, float]]]  # method -> task -> seed -> test score x100
 
 
@@ -66,7 +65,7 @@ def single_scores(root: Path) -> Scores:
 def cell(values: Sequence[float]) -> str:
     """Mean [95 % t interval] (n), or the mean alone below two values. Bold: the interval excludes 0. Equal gains
     at every seed (RTE accuracy moves in steps of 1/277) give a zero-width interval that says nothing: "sd 0"
-    (equal up to the float32 rounding of the logged scores, EQUAL_BELOW)."""
+    (equal up to the float32 rounding of the logged scores: reproduce.paired.EQUAL_BELOW)."""
     if not values:
         return "-"
     interval = t_interval(values)
