@@ -79,6 +79,8 @@ def test_gains_are_paired_by_seed_with_t_intervals(tmp_path, monkeypatch):
     lora_rte = [100 * 0.6 - 100 * rte_single[s] for s in range(3)]
     assert union[4] == expected([a - b for a, b in zip(rte, lora_rte, strict=True)])
     assert row(text.split("## RTE against")[1], "UniPELT (APL)", "multi-task")[2] == "2/3"  # 55 and 60 above 52.7
+    off_chance = [100 * rte_multi[s] - 52.7 for s in range(3)]
+    assert row(text.split("## RTE against")[1], "UniPELT (APL)", "multi-task")[4] == expected(off_chance)
     assert row(text.split("## RTE against")[1], "UniPELT (APL)", "per task")[2] == "1/4"  # 53 only
     (panels, path), = [p for p in plots if p[1].name == "gates_unipelt_apl.png"]
     assert list(panels) == ["SST-2", "CoLA", "STS-B", "RTE"]

@@ -120,13 +120,15 @@ def report(multi: Scores, single: Scores) -> str:
         theirs = per_method[other]
         diffs = [[apl[t][s] - theirs[t][s] for s in sorted(set(apl[t]) & set(theirs[t]))] for t in (*ORDER, "average")]
         lines.append(f"| {METHODS[other]} | " + " | ".join(cell(d) for d in diffs) + " |")
-    lines += ["", "## RTE against the majority class (52.7)", "", "| method | training | seeds above 52.7 | mean |",
-              "|---|---|---|---|"]
+    lines += ["", "## RTE against the majority class (52.7)", "",
+              "| method | training | seeds above 52.7 | mean | mean - 52.7 [95 % t interval] |",
+              "|---|---|---|---|---|"]
     for method in COMPARED:
         for label, scores in (("per task", single), ("multi-task", multi)):
             rte = scores.get(method, {}).get("rte", {})
             above = sum(v > MAJORITY["rte"] for v in rte.values())
-            lines.append(f"| {METHODS[method]} | {label} | {above}/{len(rte)} | {mean_sd(rte)} |")
+            off = cell([v - MAJORITY["rte"] for v in rte.values()])
+            lines.append(f"| {METHODS[method]} | {label} | {above}/{len(rte)} | {mean_sd(rte)} | {off} |")
     return "\n".join(lines) + "\n"
 
 
