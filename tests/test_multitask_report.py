@@ -60,7 +60,11 @@ def test_gains_are_paired_by_seed_with_t_intervals(tmp_path, monkeypatch):
     plots = []
     monkeypatch.setattr("lightning_modules.gate_plot.plot_gate_heatmap",
                         lambda panels, path, title: plots.append((panels, path)) or path)
-    assert report.main(["--multi", str(multis), "--single", str(singles), "--out", str(tmp_path / "r.md")]) == 0
+    control = tmp_path / "control"  # STS-B alone with more epochs: seeds 0-1 done
+    for seed, score in ((0, 0.62), (1, 0.64)):
+        single(control, "unipelt_apl", "stsb", seed, score)
+    assert report.main(["--multi", str(multis), "--single", str(singles), "--control", str(control),
+                        "--out", str(tmp_path / "r.md")]) == 0
     text = (tmp_path / "r.md").read_text()
 
     def expected(values: list[float]) -> str:
@@ -85,6 +89,9 @@ def test_gains_are_paired_by_seed_with_t_intervals(tmp_path, monkeypatch):
     (panels, path), = [p for p in plots if p[1].name == "gates_unipelt_apl.png"]
     assert list(panels) == ["SST-2", "CoLA", "STS-B", "RTE"]
     assert panels["RTE"]["layer0.adapter"] == pytest.approx(0.4 + statistics.fmean([0, 0.01, 0.02]))
+    steps = text.split("## The steps control")[1]
+    assert row(steps, "control - per task (what the extra steps give)")[1] == expected([2.0, 4.0])  # vs 60, 60
+    assert row(steps, "multi-task - control (what the other tasks' rows give)")[1] == expected([60 - 62.0, 61 - 64.0])
     gates = row(text.split("## How far apart")[1], "adapter")  # seeds 0-2 done: each task's gate + 0.01 on average
     assert gates[1:] == ["0.11", "0.21", "0.31", "0.41", "0.30 (layer0)"]
 

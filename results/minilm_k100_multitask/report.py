@@ -9,7 +9,8 @@ Its mean over seeds comes with a two-sided 95 % Student-t interval (reproduce/pa
 average over tasks is paired the same way (gains averaged over the tasks at each seed first). Only seeds both
 grids finished enter a comparison. "UniPELT (APL) gains more than X" pairs the two gains by seed as well:
 (APL multi - APL single) - (X multi - X single). The gate heatmap is each task's mean test gate over the seeds;
-the last table says how far apart the tasks' gates are (per submodule, and the widest gap in one layer).
+a table says how far apart the tasks' gates are (per submodule, and the widest gap in one layer), and, once
+steps_control.sh has runs, one more sets STS-B trained alone for 4 x the epochs between the two.
 """
 
 from __future__ import annotations
@@ -132,6 +133,27 @@ def report(multi: Scores, single: Scores) -> str:
     return "\n".join(lines) + "\n"
 
 
+def control_section(multi: Scores, single: Scores, control: Scores) -> list[str]:
+    """steps_control.sh: STS-B alone with 4 x the epoch cap, against the multi-task and the capped per-task runs."""
+    runs = control.get("unipelt_apl", {}).get("stsb", {})
+    if not runs:
+        return []
+    capped = single.get("unipelt_apl", {}).get("stsb", {})
+    shared = multi.get("unipelt_apl", {}).get("stsb", {})
+
+    def paired(a: dict[int, float], b: dict[int, float]) -> str:
+        return cell([a[s] - b[s] for s in sorted(set(a) & set(b))])
+
+    return ["", "## The steps control: UniPELT (APL) on STS-B alone, 20-160 epochs (`steps_control.sh`)", "",
+            "| STS-B Spearman | mean +- sd | seeds |", "|---|---|---|",
+            f"| per task, 20-40 epochs (the head grid) | {mean_sd(capped)} | {len(capped)} |",
+            f"| per task, 20-160 epochs (the control) | {mean_sd(runs)} | {len(runs)} |",
+            f"| multi-task | {mean_sd(shared)} | {len(shared)} |", "",
+            "| paired by seed | mean [95 % t interval] |", "|---|---|",
+            f"| control - per task (what the extra steps give) | {paired(runs, capped)} |",
+            f"| multi-task - control (what the other tasks' rows give) | {paired(shared, runs)} |"]
+
+
 def mean_gates(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.fmean(run[k] for run in runs if k in run) for k in sorted({k for run in runs for k in run})}
 
@@ -160,11 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--multi", type=Path, default=HERE / "grid", help="the multi-task grid folder")
     p.add_argument("--single", type=Path, default=HERE.parent / "minilm_k100_head" / "grid",
                    help="the per-task grid folder")
+    p.add_argument("--control", type=Path, default=HERE / "steps_control", help="steps_control.sh's folder")
     p.add_argument("--out", type=Path, default=HERE / "report.md")
     args = p.parse_args(argv)
     multi, gates = multi_scores(args.multi)
     averaged = {m: {t: mean_gates(runs) for t, runs in by_task.items()} for m, by_task in gates.items()}
-    text = report(multi, single_scores(args.single))
+    single = single_scores(args.single)
+    text = report(multi, single)
+    if args.control.is_dir():
+        text += "".join(line + "\n" for line in control_section(multi, single, single_scores(args.control)))
     text += "".join(line + "\n" for m in COMPARED if m in averaged for line in gate_section(m, averaged[m]))
     args.out.write_text(text)
     print(f"wrote {args.out}")
