@@ -30,9 +30,9 @@ from .results import Cell, Key
 from .tasks import DESIGN_SPACE, METHODS, PAPER_SINGLES, TABLE2, TASKS, paper_setting
 
 CONFIDENCE = 0.95
-# Gains closer than this (points) are equal: logged scores are float32, ~1e-5 points apart for the same count of
-# right answers, while one test row moves a score by 0.04-0.4 points. Equal gains at every seed (sd 0) give a
-# zero-width t interval that excludes 0 without saying anything: no verdict is drawn from it.
+# An interval narrower than this (points) is the same gain at every seed: logged scores are float32, ~1e-5 points
+# apart for the same count of right answers, while one test row moves a score by 0.04-0.4 points. Such a
+# zero-width t interval excludes 0 without saying anything: no verdict is drawn from it.
 EQUAL_BELOW = 1e-3
 
 
@@ -75,6 +75,11 @@ def t_interval(xs: Sequence[float], confidence: float = CONFIDENCE) -> tuple[flo
     mean, sd = statistics.fmean(xs), statistics.stdev(xs)
     half = student_t.ppf(0.5 + confidence / 2, len(xs) - 1) * sd / math.sqrt(len(xs))
     return mean - half, mean + half
+
+
+def zero_width(low: float, high: float) -> bool:
+    """Equal gains at every seed (sd 0, up to float32 rounding): an interval that cannot judge anything."""
+    return high - low < EQUAL_BELOW
 
 
 def best_on_dev(cells: Mapping[Key, Cell], k: str, task: str, candidates: Sequence[str]) -> str | None:
@@ -193,7 +198,7 @@ def verdict(row: dict, backbone: str) -> str:
         )
     interval = f"{row['gain_mean']:+.1f} points, 95 % CI [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}] over {n} seeds"
     name = METHODS.get(row.get("method", ""), "the first")
-    if row["ci_high"] - row["ci_low"] < EQUAL_BELOW:
+    if zero_width(row["ci_low"], row["ci_high"]):
         judged = "the same gain at every seed (sd 0): a t interval cannot judge it"
     elif not row.get("claim", True):  # no claim to judge: a new method against another
         judged = (f"{name} is better" if row["ci_low"] > 0 else f"{name} is worse" if row["ci_high"] < 0

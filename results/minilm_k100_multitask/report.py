@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from the repository, no install
-from reproduce.paired import EQUAL_BELOW, t_interval  # noqa: E402
+from reproduce.paired import t_interval, zero_width  # noqa: E402
 from reproduce.results import load_records  # noqa: E402
 from reproduce.tasks import METHODS, TASKS  # noqa: E402
 
@@ -66,14 +66,14 @@ def single_scores(root: Path) -> Scores:
 def cell(values: Sequence[float]) -> str:
     """Mean [95 % t interval] (n), or the mean alone below two values. Bold: the interval excludes 0. Equal gains
     at every seed (RTE accuracy moves in steps of 1/277) give a zero-width interval that says nothing: "sd 0"
-    (equal up to the float32 rounding of the logged scores: reproduce.paired.EQUAL_BELOW)."""
+    (equal up to the float32 rounding of the logged scores: reproduce.paired.zero_width)."""
     if not values:
         return "-"
     interval = t_interval(values)
     mean = statistics.fmean(values)
     if interval is None:
         return f"{mean:+.1f} (n=1)"
-    if statistics.stdev(values) < EQUAL_BELOW:
+    if zero_width(*interval):
         return f"{mean:+.1f} (sd 0, n={len(values)})"
     bold = "**" if interval[0] > 0 or interval[1] < 0 else ""
     return f"{bold}{mean:+.1f} [{interval[0]:+.1f}, {interval[1]:+.1f}]{bold} (n={len(values)})"
